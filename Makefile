@@ -1,0 +1,49 @@
+# vizer-recipes. Every target uses .venv, built on first use from requirements.txt.
+PYTHON_SYS ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# torch goes in first so that nothing else pulls a second build; a torch the system Python
+# already has (e.g. your CUDA build) is reused through --system-site-packages instead.
+TORCH_SPEC ?= torch==2.13.0
+RECIPE     ?= tiny-shapes
+OUT        ?= outputs/$(RECIPE)
+ARGS       ?=
+OFFLINE    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: help venv test test-all train check bench clean
+
+help:
+	@echo "make test                              offline test suite (CPU)"
+	@echo "make train RECIPE=<name> [OUT=dir] [ARGS='key.sub=value ...']"
+	@echo "make check RECIPE=<name> [ARGS=...]    validate a recipe without loading models"
+	@echo "make bench                             benchmarks, one 'name: value' line each"
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: requirements.txt
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON_SYS) -c "import torch" 2>/dev/null; then \
+	    echo "reusing the system torch"; $(PYTHON_SYS) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON_SYS) -m venv $(VENV); fi; \
+	fi
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+test: venv
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+
+test-all: venv
+	$(OFFLINE) $(PY) -m pytest -q
+
+train: venv
+	$(PY) -m vizer train $(RECIPE) --out $(OUT) $(ARGS)
+
+check: venv
+	$(PY) -m vizer check $(RECIPE) $(ARGS)
+
+bench: venv
+	$(OFFLINE) $(PY) -m vizer.bench
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from vizer.cli import main
+
+sys.exit(main())

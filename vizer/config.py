@@ -1,0 +1,268 @@
+"""Recipe loading: YAML -> validated plain dicts, with `key.sub=value` overrides.
+
+Everything is checked here, before any model is loaded, so that a typo costs a second and
+not a model download. Errors are `RecipeError`s with one line that names the key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe problem the user can fix; the message is one line."""
+
+
+# Schema: section -> {key: (accepted types, default)}. `None` default = optional, REQUIRED = must be given.
+REQUIRED = object()
+_NUM = (int, float)
+_STR_LIST = (str, list)
+
+MODEL_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "id": ((str,), REQUIRED),
+    "family": ((str,), "auto"),
+    "quantization": ((str,), "none"),
+    "dtype": ((str,), "auto"),
+    "attn_implementation": ((str,), None),
+    "lora": ((dict,), {}),
+    "processor": ((dict,), {}),
+    "revision": ((str,), None),
+}
+LORA_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "r": ((int,), 16),
+    "alpha": ((int, float), 32),
+    "dropout": (_NUM, 0.05),
+    "targets": (_STR_LIST, "language"),
+    "enabled": ((bool,), True),
+}
+DATA_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "source": ((str,), REQUIRED),
+    "id": ((str,), None),  # hub dataset id (source: hub)
+    "config": ((str,), None),  # hub dataset configuration name
+    "path": ((str,), None),  # image folder (source: folder)
+    "split": ((str,), "train"),
+    "image_column": ((str,), "image"),
+    "id_column": ((str,), None),
+    "captions_column": ((str,), None),
+    "streaming": ((bool,), False),
+    "limit": ((int,), None),
+    "shuffle": ((bool,), False),
+    "seed": ((int,), 0),
+    "image_size": ((int,), 64),  # synthetic shapes only
+    "max_objects": ((int,), 3),  # synthetic shapes only
+}
+TOP_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "model": ((dict,), REQUIRED),
+    "prompt": ((str,), "Describe this image."),
+    "data": ((dict,), REQUIRED),
+    "eval_data": ((dict,), None),
+    "rewards": ((list,), REQUIRED),
+    "grpo": ((dict,), {}),
+    "eval": ((dict,), {}),
+    "description": ((str,), None),
+    "name": ((str,), None),
+}
+CHOICES = {
+    "model.quantization": ("none", "4bit", "8bit"),
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "model.family": ("auto", "idefics3", "qwen2_vl", "generic"),
+    "data.source": ("hub", "folder", "shapes"),
+}
+# GRPOConfig fields that the runner owns: set them in the recipe's own sections instead.
+GRPO_RESERVED = {"output_dir": "OUT", "reward_weights": "rewards[].weight"}
+
+
+def closest(word: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(types: tuple) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
+             list: "a list"}
+    return " or ".join(names[t] for t in types)
+
+
+def _check_section(section: dict, schema: dict, where: str) -> dict:
+    """Unknown keys, wrong types, missing required keys; fills defaults."""
+    for key in section:
+        if key not in schema:
+            raise RecipeError(f"unknown key '{where}{key}'{closest(key, schema)}")
+    out = {}
+    for key, (types, default) in schema.items():
+        if key not in section or section[key] is None:
+            if default is REQUIRED:
+                raise RecipeError(f"missing required key '{where}{key}'")
+            out[key] = copy.deepcopy(default)
+            continue
+        value = section[key]
+        if float in types and isinstance(value, str):
+            value = _maybe_float(value, where + key)
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            raise RecipeError(f"'{where}{key}' expects {_type_name(types)}, got {value!r}")
+        choices = CHOICES.get(where + key)
+        if choices and value not in choices:
+            raise RecipeError(f"'{where}{key}' must be one of {', '.join(choices)}, got {value!r}{closest(value, choices)}")
+        out[key] = value
+    return out
+
+
+def _maybe_float(value: str, key: str) -> float | str:
+    # YAML 1.1 reads `1e-5` (no dot) as a string; accept it as the number the user meant.
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _grpo_fields() -> dict[str, dataclasses.Field]:
+    from trl import GRPOConfig
+
+    return {f.name: f for f in dataclasses.fields(GRPOConfig) if f.init}
+
+
+def _check_grpo(grpo: dict) -> dict:
+    fields = _grpo_fields()
+    out = {}
+    for key, value in grpo.items():
+        if key in GRPO_RESERVED:
+            raise RecipeError(f"'grpo.{key}' is set by the runner; use {GRPO_RESERVED[key]} instead")
+        if key not in fields:
+            raise RecipeError(f"unknown key 'grpo.{key}'{closest(key, fields)} (not a trl.GRPOConfig field)")
+        default = fields[key].default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise RecipeError(f"'grpo.{key}' expects true/false, got {value!r}")
+        elif isinstance(default, float) and not isinstance(value, bool):
+            value = _maybe_float(value, key) if isinstance(value, str) else value
+            if not isinstance(value, _NUM):
+                raise RecipeError(f"'grpo.{key}' expects a number, got {value!r}")
+        elif isinstance(default, int) and not isinstance(value, bool):
+            if not isinstance(value, int):
+                raise RecipeError(f"'grpo.{key}' expects an integer, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _check_data(data: dict, where: str) -> dict:
+    data = _check_section(data, DATA_SCHEMA, where)
+    if data["source"] == "hub" and not data["id"]:
+        raise RecipeError(f"'{where}id' is required when {where}source is hub")
+    if data["source"] == "folder":
+        if not data["path"]:
+            raise RecipeError(f"'{where}path' is required when {where}source is folder")
+        if not Path(data["path"]).expanduser().is_dir():
+            raise RecipeError(f"'{where}path': image folder not found: {data['path']}")
+    if data["limit"] is not None and data["limit"] <= 0:
+        raise RecipeError(f"'{where}limit' must be positive, got {data['limit']}")
+    return data
+
+
+def validate(raw: dict) -> dict:
+    """Return the resolved recipe (defaults filled) or raise RecipeError."""
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe must be a YAML mapping at the top level")
+    recipe = _check_section(raw, TOP_SCHEMA, "")
+    recipe["model"] = _check_section(recipe["model"], MODEL_SCHEMA, "model.")
+    recipe["model"]["lora"] = _check_section(recipe["model"]["lora"], LORA_SCHEMA, "model.lora.")
+    model_id = recipe["model"]["id"]
+    if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
+        raise RecipeError(f"'model.id': model folder not found: {model_id}")
+    recipe["data"] = _check_data(recipe["data"], "data.")
+    if recipe["eval_data"] is not None:
+        recipe["eval_data"] = _check_data(recipe["eval_data"], "eval_data.")
+    recipe["grpo"] = _check_grpo(recipe["grpo"])
+    if recipe["data"]["streaming"] and "max_steps" not in recipe["grpo"]:
+        raise RecipeError("'grpo.max_steps' is required when data.streaming is true (a stream has no length)")
+    if not recipe["rewards"]:
+        raise RecipeError("'rewards' must list at least one reward plugin")
+    from rewards import RewardConfigError, validate_reward_entry
+
+    for i, entry in enumerate(recipe["rewards"]):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise RecipeError(f"'rewards[{i}]' must be a mapping with a 'name'")
+        if not isinstance(entry.get("weight", 1.0), _NUM) or isinstance(entry.get("weight"), bool):
+            raise RecipeError(f"'rewards[{i}].weight' must be a number, got {entry.get('weight')!r}")
+        try:
+            validate_reward_entry(entry, i)
+        except RewardConfigError as err:
+            raise RecipeError(str(err)) from None
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' must look like key.sub=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
+    """`grpo.max_steps=2`, `rewards.0.model=tiny:clip`; values are parsed as YAML."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = raw
+        for depth, part in enumerate(path[:-1]):
+            where = ".".join(path[: depth + 1])
+            if isinstance(node, list):
+                node = node[_list_index(part, node, where)]
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"override '{text}': '{where}' is not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            node[_list_index(last, node, ".".join(path))] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def _list_index(part: str, node: list, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"override: '{where}' needs a list index below {len(node)}")
+    return int(part)
+
+
+def recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {name_or_path}")
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise RecipeError(f"unknown recipe '{name_or_path}'{closest(name_or_path, names)}; available: {', '.join(names)}")
+    return candidate
+
+
+def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> dict:
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    recipe = validate(apply_overrides(raw or {}, overrides))
+    recipe["name"] = path.stem
+    return recipe
+
+
+def dump_recipe(recipe: dict, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -1,0 +1,139 @@
+"""GRPO training of a caption adapter: recipe -> TRL GRPOTrainer -> OUT/.
+
+OUT/ holds adapter/ (PEFT adapter), recipe.yaml (resolved recipe), metrics.jsonl (one JSON
+object per logging step), completions.jsonl (sampled captions and their rewards),
+tensorboard/ and checkpoint-N/ folders. Re-running into the same OUT resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOConfig, GRPOTrainer
+
+from data import build_dataset
+from rewards import build_reward
+from vizer.config import RecipeError, dump_recipe
+from vizer.models import load_model, lora_config
+
+# Runner defaults, each overridable from the recipe's grpo: section.
+GRPO_DEFAULTS = {
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "report_to": ["tensorboard"],
+    "log_completions": True,
+    "num_completions_to_print": 4,
+    "remove_unused_columns": False,
+}
+
+
+class MetricsJsonl(TrainerCallback):
+    """Appends each logging step's metrics (loss, rewards/<name>/mean, ...) to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class CompletionsJsonl(TrainerCallback):
+    """Writes the latest sampled captions with their per-reward scores at each logging step."""
+
+    def __init__(self, path: Path, trainer: GRPOTrainer, per_step: int = 8):
+        self.path, self.trainer, self.per_step = path, trainer, per_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        recorded = self.trainer._logs  # TRL keeps the last generation batch here for its own table
+        if not state.is_world_process_zero or not recorded["completion"]:
+            return
+        with self.path.open("a") as f:
+            for i, completion in enumerate(list(recorded["completion"])[: self.per_step]):
+                text = completion[-1]["content"] if isinstance(completion, list) else completion
+                scores = {name: values[i] for name, values in recorded["rewards"].items()}
+                f.write(json.dumps({"step": state.global_step, "completion": text, "rewards": scores}) + "\n")
+
+
+def grpo_args(recipe: dict, out_dir: Path) -> GRPOConfig:
+    settings = {**GRPO_DEFAULTS, **recipe["grpo"]}
+    settings["reward_weights"] = [float(e.get("weight", 1.0)) for e in recipe["rewards"]]
+    if "bf16" not in recipe["grpo"]:
+        # TRL defaults to bf16, which CPUs emulate slowly; follow the model's dtype instead.
+        settings["bf16"] = recipe["model"]["dtype"] in ("auto", "bfloat16") and torch.cuda.is_available() \
+            and torch.cuda.is_bf16_supported()
+    try:
+        args = GRPOConfig(output_dir=str(out_dir), **settings)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"grpo: {str(err).splitlines()[0]}") from None
+    local_batch = args.generation_batch_size // max(args.world_size, 1)
+    if args.world_size > 1 and local_batch % args.num_generations:
+        raise RecipeError(f"grpo: each process's generation batch ({local_batch}) must be a multiple of "
+                          f"num_generations ({args.num_generations}) so that a caption group stays on one process")
+    return args
+
+
+def print_rewards(recipe: dict) -> None:
+    total = sum(abs(float(e.get("weight", 1.0))) for e in recipe["rewards"]) or 1.0
+    print("rewards (effective weight, share of total):")
+    for entry in recipe["rewards"]:
+        weight = float(entry.get("weight", 1.0))
+        options = {k: v for k, v in entry.items() if k not in ("name", "weight")}
+        print(f"  {entry.get('id', entry['name']):<14} x{weight:<6g} {abs(weight) / total:5.0%}  {options or ''}")
+
+
+def prepare_resume(out_dir: Path) -> str | None:
+    """The last checkpoint in OUT, with metrics.jsonl trimmed to the steps it already covers."""
+    checkpoint = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    if checkpoint is None:
+        return None
+    step = int(checkpoint.rsplit("-", 1)[-1])
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        path = out_dir / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+    print(f"resuming from {checkpoint} (step {step})")
+    return checkpoint
+
+
+def train(recipe: dict, out_dir: Path) -> Path:
+    """Train and return OUT/adapter."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = grpo_args(recipe, out_dir)  # before any model loads: a bad grpo: section fails in a second
+    train_dataset = build_dataset(recipe["data"], recipe["prompt"])
+    resume = prepare_resume(out_dir)
+    dump_recipe(recipe, out_dir / "recipe.yaml")
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
+
+    print_rewards(recipe)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reward_funcs = [build_reward(entry, device=device, prompt=recipe["prompt"]) for entry in recipe["rewards"]]
+
+    loaded = load_model(recipe["model"], gradient_checkpointing=args.gradient_checkpointing)
+    peft_config = lora_config(recipe["model"]["lora"], loaded.model, loaded.family)
+    print(f"model: {recipe['model']['id']} (family {loaded.family.name}, quantization "
+          f"{recipe['model']['quantization']}, LoRA targets {peft_config.target_modules if peft_config else 'none: full'})")
+
+    trainer = GRPOTrainer(
+        model=loaded.model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=loaded.processor,
+        peft_config=peft_config,
+        callbacks=[MetricsJsonl(out_dir / "metrics.jsonl")],
+    )
+    trainer.add_callback(CompletionsJsonl(out_dir / "completions.jsonl", trainer))
+    trainer.train(resume_from_checkpoint=resume)
+    adapter_dir = out_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    loaded.processor.save_pretrained(str(adapter_dir))
+    print(f"adapter saved to {adapter_dir}")
+    return adapter_dir
