@@ -10,11 +10,17 @@ OUT        ?= outputs/$(RECIPE)
 ARGS       ?=
 OFFLINE    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help venv test test-all train check bench clean
+RUN        ?= outputs/$(RECIPE)
+ADAPTER    ?= $(RUN)/adapter
+IMAGES     ?=
+
+.PHONY: help venv test test-all train eval caption check bench clean
 
 help:
 	@echo "make test                              offline test suite (CPU)"
 	@echo "make train RECIPE=<name> [OUT=dir] [ARGS='key.sub=value ...']"
+	@echo "make eval RUN=<dir> [ARGS=...]          base vs tuned captions: RUN/eval/results.{json,md}, gallery.html"
+	@echo "make caption ADAPTER=<dir> IMAGES=<folder>   captions.jsonl for a folder of images"
 	@echo "make check RECIPE=<name> [ARGS=...]    validate a recipe without loading models"
 	@echo "make bench                             benchmarks, one 'name: value' line each"
 
@@ -38,6 +44,12 @@ test-all: venv
 
 train: venv
 	$(PY) -m vizer train $(RECIPE) --out $(OUT) $(ARGS)
+
+eval: venv
+	$(PY) -m vizer eval $(RUN) $(ARGS)
+
+caption: venv
+	$(PY) -m vizer caption --adapter $(ADAPTER) --images $(IMAGES) $(ARGS)
 
 check: venv
 	$(PY) -m vizer check $(RECIPE) $(ARGS)

@@ -59,6 +59,16 @@ DATA_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "image_size": ((int,), 64),  # synthetic shapes only
     "max_objects": ((int,), 3),  # synthetic shapes only
 }
+EVAL_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "scorer": ((str,), "openai/clip-vit-base-patch32"),  # CLIP-S scorer (Hessel et al.)
+    "judge": ((str,), None),  # optional second, independent scorer
+    "max_new_tokens": ((int,), 64),
+    "batch_size": ((int,), 16),
+    "do_sample": ((bool,), False),  # greedy by default
+    "temperature": (_NUM, 1.0),
+    "num_samples": ((int,), 1),  # captions per image when sampling
+    "seed": ((int,), 0),
+}
 TOP_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "model": ((dict,), REQUIRED),
     "prompt": ((str,), "Describe this image."),
@@ -181,6 +191,7 @@ def validate(raw: dict) -> dict:
     if recipe["eval_data"] is not None:
         recipe["eval_data"] = _check_data(recipe["eval_data"], "eval_data.")
     recipe["grpo"] = _check_grpo(recipe["grpo"])
+    recipe["eval"] = _check_section(recipe["eval"], EVAL_SCHEMA, "eval.")
     if recipe["data"]["streaming"] and "max_steps" not in recipe["grpo"]:
         raise RecipeError("'grpo.max_steps' is required when data.streaming is true (a stream has no length)")
     if not recipe["rewards"]:
