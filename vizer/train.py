@@ -1,13 +1,14 @@
 """GRPO training of a caption adapter: recipe -> TRL GRPOTrainer -> OUT/.
 
 OUT/ holds adapter/ (PEFT adapter), recipe.yaml (resolved recipe), metrics.jsonl (one JSON
-object per logging step), completions.jsonl (sampled captions and their rewards),
+object per logging step), completions/ (TRL's sampled captions with their rewards, parquet),
 tensorboard/ and checkpoint-N/ folders. Re-running into the same OUT resumes.
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ from rewards import build_reward
 from vizer.config import RecipeError, dump_recipe
 from vizer.models import load_model, lora_config
 
+# TRL still passes the old name to transformers; the message says nothing the user can act on.
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*is deprecated", category=FutureWarning)
+
 # Runner defaults, each overridable from the recipe's grpo: section.
 GRPO_DEFAULTS = {
     "logging_steps": 1,
@@ -27,7 +31,7 @@ GRPO_DEFAULTS = {
     "save_steps": 50,
     "report_to": ["tensorboard"],
     "log_completions": True,
-    "num_completions_to_print": 4,
+    "num_completions_to_print": 2,
     "remove_unused_columns": False,
 }
 
@@ -42,23 +46,6 @@ class MetricsJsonl(TrainerCallback):
         if state.is_world_process_zero and logs:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-class CompletionsJsonl(TrainerCallback):
-    """Writes the latest sampled captions with their per-reward scores at each logging step."""
-
-    def __init__(self, path: Path, trainer: GRPOTrainer, per_step: int = 8):
-        self.path, self.trainer, self.per_step = path, trainer, per_step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        recorded = self.trainer._logs  # TRL keeps the last generation batch here for its own table
-        if not state.is_world_process_zero or not recorded["completion"]:
-            return
-        with self.path.open("a") as f:
-            for i, completion in enumerate(list(recorded["completion"])[: self.per_step]):
-                text = completion[-1]["content"] if isinstance(completion, list) else completion
-                scores = {name: values[i] for name, values in recorded["rewards"].items()}
-                f.write(json.dumps({"step": state.global_step, "completion": text, "rewards": scores}) + "\n")
 
 
 def grpo_args(recipe: dict, out_dir: Path) -> GRPOConfig:
@@ -94,11 +81,10 @@ def prepare_resume(out_dir: Path) -> str | None:
     if checkpoint is None:
         return None
     step = int(checkpoint.rsplit("-", 1)[-1])
-    for name in ("metrics.jsonl", "completions.jsonl"):
-        path = out_dir / name
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+    path = out_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
     print(f"resuming from {checkpoint} (step {step})")
     return checkpoint
 
@@ -130,7 +116,6 @@ def train(recipe: dict, out_dir: Path) -> Path:
         peft_config=peft_config,
         callbacks=[MetricsJsonl(out_dir / "metrics.jsonl")],
     )
-    trainer.add_callback(CompletionsJsonl(out_dir / "completions.jsonl", trainer))
     trainer.train(resume_from_checkpoint=resume)
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))
