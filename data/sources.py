@@ -1,6 +1,7 @@
 """Hub datasets, image folders and synthetic shapes, all as prompt rows."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -44,19 +45,46 @@ def _hub(cfg: dict, where: str, with_references: bool) -> Dataset | IterableData
     if cfg["shuffle"]:
         dataset = (dataset.shuffle(seed=cfg["seed"], buffer_size=1000) if cfg["streaming"]
                    else dataset.shuffle(seed=cfg["seed"]))
-    if cfg["limit"] is not None:
+    if cfg["limit"] is not None and not cfg["streaming"]:
         dataset = dataset.take(cfg["limit"])
+    image_column = cfg["image_column"]
+    if _is_image_feature(dataset, image_column):
+        # Decode ourselves so that one corrupt picture is skipped instead of stopping a long run.
+        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
     prefix = f"{cfg['id']}/{cfg['split']}"
 
     def to_row(example: dict, index: int) -> dict:
-        row = {"image": example[cfg["image_column"]],
-               "image_id": str(example[cfg["id_column"]]) if cfg["id_column"] else f"{prefix}/{index}"}
+        image_id = str(example[cfg["id_column"]]) if cfg["id_column"] else f"{prefix}/{index}"
+        row = {"image": _open_image(example[image_column], image_id, where), "image_id": image_id}
         if with_references and cfg["captions_column"]:
             refs = example[cfg["captions_column"]]
             row["references"] = [refs] if isinstance(refs, str) else list(refs)
         return row
 
-    return dataset.map(to_row, with_indices=True, remove_columns=columns)
+    rows = dataset.map(to_row, with_indices=True, remove_columns=columns).filter(lambda r: r["image"] is not None)
+    if cfg["limit"] is not None and cfg["streaming"]:
+        rows = rows.take(cfg["limit"])
+    if isinstance(rows, Dataset):  # stored rows: decode on access again
+        rows = rows.cast_column("image", ImageFeature())
+    return rows
+
+
+def _is_image_feature(dataset: Dataset | IterableDataset, column: str) -> bool:
+    return isinstance((dataset.features or {}).get(column), ImageFeature)
+
+
+def _open_image(value, image_id: str, where: str) -> Image.Image | None:
+    """A PIL image from a decoded image or datasets' {bytes, path} record; None if unreadable."""
+    if isinstance(value, Image.Image):
+        return value
+    try:
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+        image = Image.open(source)
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError, AttributeError):
+        print(f"{where}: skipping unreadable image {image_id}")
+        return None
 
 
 def _column_names(dataset: Dataset | IterableDataset) -> list[str]:

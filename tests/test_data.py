@@ -103,3 +103,20 @@ def test_hub_source_unknown_dataset_is_one_line():
     with pytest.raises(RecipeError, match="cannot load no-such-user/no-such-dataset") as err:
         build_dataset(cfg, PROMPT)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_source_skips_a_corrupt_image(tmp_path, streaming):
+    import io as _io
+
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
+
+    good = _io.BytesIO()
+    render(make_scene(1)).save(good, format="PNG")
+    images = [{"bytes": good.getvalue(), "path": None}, {"bytes": b"not a png", "path": None},
+              {"bytes": good.getvalue(), "path": None}]
+    features = Features({"image": ImageFeature(), "n": Value("int64")})
+    Dataset.from_dict({"image": images, "n": [0, 1, 2]}, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    rows = list(build_dataset(data_cfg(source="hub", id=str(tmp_path), streaming=streaming), PROMPT))
+    assert len(rows) == 2 and all(isinstance(r["image"], Image.Image) for r in rows)

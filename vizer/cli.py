@@ -1,8 +1,7 @@
-"""Command line: `python -m vizer train <recipe> [--out DIR] [key.sub=value ...]`."""
+"""Command line: `python -m vizer train|check|eval|caption ...` (see `python -m vizer -h`)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,20 @@ def _check(args: argparse.Namespace) -> None:
     print(f"{args.recipe}: ok ({recipe['model']['id']}, {len(recipe['rewards'])} rewards)")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from vizer.evaluate import evaluate
+
+    evaluate(Path(args.run), args.overrides, images=Path(args.images) if args.images else None, limit=args.limit)
+
+
+def _caption(args: argparse.Namespace) -> None:
+    from vizer.caption import caption_folder
+
+    adapter, images = Path(args.adapter), Path(args.images)
+    out = Path(args.out) if args.out else adapter.parent / "captions.jsonl"
+    caption_folder(adapter, images, out, prompt=args.prompt)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vizer", description="Zero-label caption enhancement for VLMs with GRPO.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -37,11 +50,29 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=_check)
+    e = sub.add_parser("eval", help="base vs tuned captions on held-out images: RUN/eval/results.{json,md}, gallery.html")
+    e.add_argument("run", help="a finished run directory (holds recipe.yaml and adapter/)")
+    e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. eval.judge=... eval_data.limit=500")
+    e.add_argument("--images", help="evaluate on this image folder (optional references in its captions.jsonl)")
+    e.add_argument("--limit", type=int, help="evaluate on the first N images of the eval set")
+    e.set_defaults(func=_eval)
+    k = sub.add_parser("caption", help="caption a folder of images with a trained adapter")
+    k.add_argument("--adapter", required=True, help="adapter folder (its run's recipe.yaml names the base model)")
+    k.add_argument("--images", required=True, help="image folder (searched recursively)")
+    k.add_argument("--out", help="captions.jsonl to write (default: beside the adapter, ADAPTER/../captions.jsonl)")
+    k.add_argument("--prompt", help="prompt (default: the run's recipe prompt)")
+    k.set_defaults(func=_caption)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # argparse stops collecting overrides at the first option: `eval RUN a=1 --limit 3 b=2` keeps b=2 here
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except RecipeError as err:
