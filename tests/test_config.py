@@ -88,3 +88,12 @@ def test_cli_exits_2_with_one_line_and_no_traceback(args):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unknown_local_model_id_names_the_closest(tmp_path):
+    path = write_recipe(tmp_path, lambda r: r["model"].update(id="tiny:idefics"))
+    with pytest.raises(RecipeError, match="did you mean 'tiny:idefics3'"):
+        load_recipe(str(path))
+    path = write_recipe(tmp_path, lambda r: r["rewards"][0].update(model="tiny:shape-clip"))
+    with pytest.raises(RecipeError, match=r"rewards\[0\].model.*did you mean 'tiny:shapes-clip'"):
+        load_recipe(str(path))

@@ -177,6 +177,14 @@ def _check_data(data: dict, where: str) -> dict:
     return data
 
 
+def _check_local_id(model_id: str, key: str) -> None:
+    from vizer.tiny import TINY_PREFIX, known_ids
+
+    if model_id.startswith(TINY_PREFIX) and model_id not in known_ids():
+        raise RecipeError(f"'{key}': unknown local model '{model_id}'{closest(model_id, known_ids())}; "
+                          f"available: {', '.join(known_ids())}")
+
+
 def validate(raw: dict) -> dict:
     """Return the resolved recipe (defaults filled) or raise RecipeError."""
     if not isinstance(raw, dict):
@@ -185,6 +193,7 @@ def validate(raw: dict) -> dict:
     recipe["model"] = _check_section(recipe["model"], MODEL_SCHEMA, "model.")
     recipe["model"]["lora"] = _check_section(recipe["model"]["lora"], LORA_SCHEMA, "model.lora.")
     model_id = recipe["model"]["id"]
+    _check_local_id(model_id, "model.id")
     if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
         raise RecipeError(f"'model.id': model folder not found: {model_id}")
     recipe["data"] = _check_data(recipe["data"], "data.")
@@ -203,6 +212,8 @@ def validate(raw: dict) -> dict:
             raise RecipeError(f"'rewards[{i}]' must be a mapping with a 'name'")
         if not isinstance(entry.get("weight", 1.0), _NUM) or isinstance(entry.get("weight"), bool):
             raise RecipeError(f"'rewards[{i}].weight' must be a number, got {entry.get('weight')!r}")
+        if isinstance(entry.get("model"), str):
+            _check_local_id(entry["model"], f"rewards[{i}].model")
         try:
             validate_reward_entry(entry, i)
         except RewardConfigError as err:

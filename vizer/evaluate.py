@@ -307,9 +307,9 @@ def gallery_items(items: Sequence[EvalImage], per_image: dict) -> tuple[list[int
     return keep, f"gallery.html shows the {len(keep)} images with the largest CLIP-S changes of {len(items)}"
 
 
-def evaluate(run: Path, overrides: Sequence[str] = (), images: Path | None = None, limit: int | None = None
-             ) -> Path:
-    """Evaluate RUN's adapter against its base model; returns RUN/eval."""
+def evaluate(run: Path, overrides: Sequence[str] = (), images: Path | None = None, limit: int | None = None,
+             out_dir: Path | None = None) -> Path:
+    """Evaluate RUN's adapter against its base model; writes and returns out_dir (default RUN/eval)."""
     recipe_file, adapter = run / "recipe.yaml", run / "adapter"
     if not recipe_file.is_file():
         raise RecipeError(f"eval: {recipe_file} not found (is {run} a finished run directory?)")
@@ -327,7 +327,7 @@ def evaluate(run: Path, overrides: Sequence[str] = (), images: Path | None = Non
     print(f"eval set: {describe_data(data_cfg)}: {len(items)} images" + (f", {skipped} skipped" if skipped else ""))
 
     decoding = Decoding.from_eval(recipe["eval"])
-    out_dir = run / "eval"
+    out_dir = out_dir or run / "eval"
     model_keys = ("id", "revision", "family", "quantization", "dtype", "processor")
     common = {"prompt": recipe["prompt"], "decoding": decoding.cache_key(),
               "model": {**{k: recipe["model"][k] for k in model_keys},
@@ -338,7 +338,7 @@ def evaluate(run: Path, overrides: Sequence[str] = (), images: Path | None = Non
                "tuned": lambda: load_with_adapter(tuned_cfg, str(adapter) if is_peft else None)}
     identities = {"base": {**common, "weights": "base"}, "tuned": {**common, "weights": hash_dir(adapter)}}
     captions = {tag: model_captions(tag, loaders[tag], items, recipe["prompt"], decoding,
-                                    cache_file(out_dir / "cache", tag, identities[tag])) for tag in MODELS}
+                                    cache_file(run / "eval" / "cache", tag, identities[tag])) for tag in MODELS}
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_id(recipe["model"]["id"]),
                                               revision=recipe["model"]["revision"])

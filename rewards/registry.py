@@ -1,0 +1,201 @@
+"""From a recipe's reward entry to a TRL reward callable.
+
+An entry is `{name: <builtin or "pkg.module:factory">, weight: <float>, id: <optional name>, **options}`.
+`weight` goes to TRL's `reward_weights` (not to the plugin); every other key is a keyword argument of the
+factory. The callable's `__name__` is the entry's `id` or `name`, so TRL logs `rewards/<that>/mean`.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from .common import Reward
+
+BUILTINS: dict[str, str] = {
+    "grounding": "rewards.grounding:grounding",
+    "consistency": "rewards.consistency:consistency",
+    "length": "rewards.guards:length",
+    "repetition": "rewards.guards:repetition",
+    "degenerate": "rewards.guards:degenerate",
+}
+RESERVED = ("name", "weight", "id")
+INJECTED = ("device", "prompt")  # filled in by build_reward when the factory takes them
+
+
+class RewardConfigError(ValueError):
+    """A reward entry that cannot be built; the message is one line naming the entry and the key."""
+
+
+def _closest(word: str, choices: typing.Iterable[str]) -> str:
+    choices = list(choices)
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    hint = f"did you mean '{match[0]}'? " if match else ""
+    return f"{hint}valid: {', '.join(choices) or '(none)'}"
+
+
+def _where(entry: Any, index: int | None) -> str:
+    name = (entry.get("id") or entry.get("name")) if isinstance(entry, dict) else None
+    where = f"rewards[{index}]" if index is not None else "reward entry"
+    return where + (f" ({name})" if isinstance(name, str) else "")
+
+
+def resolve_factory(name: str) -> Callable[..., Callable]:
+    """The factory for a builtin name or an import path `pkg.module:factory`."""
+    target = BUILTINS.get(name, name)
+    if ":" not in target:
+        raise RewardConfigError(f"unknown reward plugin '{name}'; {_closest(name, BUILTINS)} or 'pkg.module:factory'")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardConfigError(f"reward plugin '{name}': cannot import module '{module_name}' ({e})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        public = [n for n, v in vars(module).items()
+                  if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_")]
+        raise RewardConfigError(f"reward plugin '{name}': '{module_name}' has no factory '{attr}'; {_closest(attr, public)}")
+    return factory
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, str]:
+    """Whether value fits a simple annotation (anything unusual is accepted and left to the factory)."""
+    origin = typing.get_origin(hint)
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True, ""
+    if origin in (typing.Union, types.UnionType):
+        results = [_type_ok(value, h) for h in typing.get_args(hint)]
+        return any(ok for ok, _ in results), next((m for ok, m in results if m), "")
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return True, ""
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        return False, f"must be one of {', '.join(map(str, choices))}" + (f" (did you mean '{close[0]}'?)" if close else "")
+    if hint is type(None):
+        return value is None, ""
+    if hint is bool:
+        return isinstance(value, bool), ""
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), ""
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), ""
+    if hint is str:
+        return isinstance(value, str), ""
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple)), ""
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), ""
+    return True, ""
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def validate_reward_entry(entry: dict, index: int | None) -> None:
+    """Check an entry without building it: the plugin resolves, its options exist and have sane types."""
+    if not isinstance(entry, dict):
+        raise RewardConfigError(f"{_where(entry, index)}: expected a mapping like {{name: grounding, weight: 1.0}}, got {type(entry).__name__}")
+    where = _where(entry, index)
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise RewardConfigError(f"{where}: missing 'name' (a builtin: {', '.join(BUILTINS)}; or 'pkg.module:factory')")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise RewardConfigError(f"{where}: 'weight' must be a number, got {weight!r}")
+    if "id" in entry and not (isinstance(entry["id"], str) and re.fullmatch(r"[A-Za-z_][\w.-]*", entry["id"])):
+        raise RewardConfigError(f"{where}: 'id' must be a name (letters, digits, _ . -), got {entry['id']!r}")
+    try:
+        factory = resolve_factory(name)
+    except RewardConfigError as e:
+        raise RewardConfigError(f"{where}: {e}") from None
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # unresolvable annotations in a user plugin: skip the type checks
+        hints = {}
+    for key, value in entry.items():
+        if key in RESERVED:
+            continue
+        if key not in accepted:
+            if takes_any:
+                continue
+            valid = [n for n in accepted if n not in INJECTED] + [n for n in accepted if n in INJECTED] + list(RESERVED)
+            raise RewardConfigError(f"{where}: unknown option '{key}'; {_closest(key, valid)}")
+        ok, why = _type_ok(value, hints.get(key, inspect.Parameter.empty))
+        if not ok:
+            raise RewardConfigError(
+                f"{where}: option '{key}' {why or 'must be ' + _describe(hints[key])}, got {value!r}"
+            )
+    model = entry.get("model")
+    if isinstance(model, str):
+        _check_model_id(model, where)
+    missing = [n for n, p in params.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and n not in entry and n not in INJECTED]
+    if missing:
+        raise RewardConfigError(f"{where}: missing required option '{missing[0]}'")
+
+
+def _check_model_id(model: str, where: str) -> None:
+    """A `tiny:` id must be a known kind and a path-like id must exist; hub ids are checked when loading."""
+    if model.startswith("tiny:"):
+        kinds = ["shapes-clip"]
+        try:
+            from vizer.tiny import KINDS
+
+            kinds += list(KINDS)
+        except ImportError:
+            return
+        if model[len("tiny:"):] not in kinds:
+            raise RewardConfigError(f"{where}: option 'model' {model!r} is not a tiny model; {_closest(model[5:], kinds)}")
+    elif model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
+        raise RewardConfigError(f"{where}: option 'model': no such folder {model!r}")
+
+
+def reward_name(entry: dict) -> str:
+    """The name TRL logs the reward under: the entry's `id`, else its plugin name (last part of a path)."""
+    return entry.get("id") or re.split(r"[:.]", entry["name"])[-1]
+
+
+class NamedReward:
+    """Gives a reward callable the name TRL logs it under, without renaming a shared function."""
+
+    def __init__(self, func: Callable, name: str) -> None:
+        self.func, self.__name__ = func, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[float]:
+        return self.func(*args, **kwargs)
+
+
+class AsyncNamedReward(NamedReward):
+    async def __call__(self, *args: Any, **kwargs: Any) -> list[float]:
+        return await self.func(*args, **kwargs)
+
+
+def build_reward(entry: dict, *, device: str = "cpu", prompt: str = "") -> Callable:
+    """Validate the entry, call its factory with the options (and device/prompt if it takes them)."""
+    validate_reward_entry(entry, None)
+    factory = resolve_factory(entry["name"])
+    params = inspect.signature(factory).parameters
+    options = {k: v for k, v in entry.items() if k not in RESERVED}
+    for key, value in (("device", device), ("prompt", prompt)):
+        if key in params and key not in options:
+            options[key] = value
+    func = factory(**options)
+    if not callable(func):
+        raise RewardConfigError(f"{_where(entry, None)}: the factory returned {type(func).__name__}, not a callable")
+    name = reward_name(entry)
+    if isinstance(func, Reward):  # built fresh by the factory: name it in place
+        func.__name__ = name
+        return func
+    call = func if inspect.isfunction(func) or inspect.ismethod(func) else getattr(func, "__call__", func)
+    return (AsyncNamedReward if inspect.iscoroutinefunction(call) else NamedReward)(func, name)
