@@ -14,7 +14,7 @@ RUN        ?= outputs/$(RECIPE)
 ADAPTER    ?= $(RUN)/adapter
 IMAGES     ?=
 
-.PHONY: help venv test test-all train eval caption check bench clean
+.PHONY: help venv test test-all train eval caption check bench demo clean
 
 help:
 	@echo "make test                              offline test suite (CPU)"
@@ -23,6 +23,7 @@ help:
 	@echo "make caption ADAPTER=<dir> IMAGES=<folder>   captions.jsonl for a folder of images"
 	@echo "make check RECIPE=<name> [ARGS=...]    validate a recipe without loading models"
 	@echo "make bench                             benchmarks, one 'name: value' line each"
+	@echo "make demo [ARGS='--seeds 0 1 2 --ablation']   ShapesCap: zero-label GRPO end to end, offline on CPU"
 
 venv: $(VENV)/.stamp
 
@@ -56,6 +57,9 @@ check: venv
 
 bench: venv
 	$(OFFLINE) $(PY) -m vizer.bench
+
+demo: venv
+	$(OFFLINE) $(PY) -m vizer.demo $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

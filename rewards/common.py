@@ -147,10 +147,6 @@ def group_ids(n: int, kwargs: dict, column: str = "image_id") -> list[Hashable]:
 # ---------------------------------------------------------------------------------------------- models
 def resolve_model(model_id: str) -> str:
     """Hub id, local folder, or a `tiny:<kind>` id built locally."""
-    if model_id == "tiny:shapes-clip":
-        from vizer.shapes_clip import shapes_clip_path
-
-        return shapes_clip_path()
     if model_id.startswith("tiny:"):
         from vizer.tiny import resolve_model_id
 

@@ -148,14 +148,10 @@ def validate_reward_entry(entry: dict, index: int | None) -> None:
 def _check_model_id(model: str, where: str) -> None:
     """A `tiny:` id must be a known kind and a path-like id must exist; hub ids are checked when loading."""
     if model.startswith("tiny:"):
-        kinds = ["shapes-clip"]
-        try:
-            from vizer.tiny import KINDS
+        from vizer.tiny import TINY_PREFIX, known_ids
 
-            kinds += list(KINDS)
-        except ImportError:
-            return
-        if model[len("tiny:"):] not in kinds:
+        kinds = [k[len(TINY_PREFIX):] for k in known_ids()]
+        if model[len(TINY_PREFIX):] not in kinds:
             raise RewardConfigError(f"{where}: option 'model' {model!r} is not a tiny model; {_closest(model[5:], kinds)}")
     elif model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
         raise RewardConfigError(f"{where}: option 'model': no such folder {model!r}")

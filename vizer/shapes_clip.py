@@ -64,6 +64,11 @@ class ShapesClipConfig:
     negatives: tuple[str, ...] = ("colour", "shape")
     extra_negatives: tuple[str, ...] = ("shape", "drop", "add", "repeat", "runon")
     seed: int = 0
+    split: str = "scorer"  # scenes it learns from; the judge uses its own, disjoint split
+
+
+# An independent judge for evaluation: other seed, other size, disjoint scenes.
+JUDGE_CONFIG = {"split": "judge", "seed": 1, "hidden": 48, "vision_hidden": 96}
 
 
 def cache_dir() -> Path:
@@ -95,6 +100,11 @@ def shapes_clip_path(**overrides) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
+
+
+def shapes_judge_path() -> str:
+    """Folder of the evaluation judge (`tiny:shapes-judge`), never used as a training reward."""
+    return shapes_clip_path(**JUDGE_CONFIG)
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -214,7 +224,7 @@ def _train(cfg: ShapesClipConfig, out: Path, log: bool) -> dict:
     tokenizer = build_tokenizer()
     model = build_model(cfg, tokenizer)
     processor = build_image_processor(cfg)
-    scenes = shapes_scenes("scorer", cfg.n_scenes)
+    scenes = shapes_scenes(cfg.split, cfg.n_scenes)
     pixels = processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
     t0 = time.perf_counter()
 

@@ -67,6 +67,7 @@ def build_tiny(kind: str, root: Path | None = None) -> Path:
 # Models the project trains itself (seconds to minutes on CPU, cached): "module:function" -> folder.
 TRAINED_KINDS = {
     "shapes-clip": "vizer.shapes_clip:shapes_clip_path",
+    "shapes-judge": "vizer.shapes_clip:shapes_judge_path",
     "shapes-captioner": "vizer.shapes_captioner:build_shapes_captioner",
 }
 

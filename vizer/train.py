@@ -17,7 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
 from data import build_dataset
-from rewards import build_reward
+from rewards import build_reward, reward_name
 from vizer.config import RecipeError, dump_recipe
 from vizer.models import load_model, lora_config
 
@@ -72,7 +72,7 @@ def print_rewards(recipe: dict) -> None:
     for entry in recipe["rewards"]:
         weight = float(entry.get("weight", 1.0))
         options = {k: v for k, v in entry.items() if k not in ("name", "weight")}
-        print(f"  {entry.get('id', entry['name']):<14} x{weight:<6g} {abs(weight) / total:5.0%}  {options or ''}")
+        print(f"  {reward_name(entry):<14} x{weight:<6g} {abs(weight) / total:5.0%}  {options or ''}")
 
 
 def prepare_resume(out_dir: Path) -> str | None:
