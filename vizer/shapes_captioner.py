@@ -207,16 +207,9 @@ def _make_processor():
     """tiny:idefics3's tokenizer and chat template around a 64-px, 16-token image processor."""
     from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
-    from vizer.tiny import IDEFICS3_CHAT_TEMPLATE, _fast_tokenizer, _train_tokenizer
+    from vizer.tiny import IDEFICS3_CHAT_TEMPLATE, idefics3_tokenizer
 
-    rows_cols = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
-                "<end_of_utterance>", "<global-img>", *rows_cols]
-    tokenizer = _fast_tokenizer(
-        _train_tokenizer(specials), unk_token="<|endoftext|>", bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>", pad_token="<|im_end|>", model_max_length=1024,
-        chat_template=IDEFICS3_CHAT_TEMPLATE,
-    )
+    tokenizer = idefics3_tokenizer()
     image_processor = Idefics3ImageProcessorPil(
         do_image_splitting=False, size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
     )

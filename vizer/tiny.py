@@ -281,18 +281,23 @@ def _text_dims(vocab_size: int) -> dict:
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
 
 
-def _build_idefics3(out: Path) -> dict:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
-    from transformers import Idefics3Processor
-
+def idefics3_tokenizer():
+    """The shapes-vocabulary BPE with SmolVLM's special tokens and chat template."""
     rows_cols = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
                 "<end_of_utterance>", "<global-img>", *rows_cols]
-    tokenizer = _fast_tokenizer(
+    return _fast_tokenizer(
         _train_tokenizer(specials), unk_token="<|endoftext|>", bos_token="<|im_start|>",
         eos_token="<end_of_utterance>", pad_token="<|im_end|>", model_max_length=1024,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
+
+
+def _build_idefics3(out: Path) -> dict:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
+    from transformers import Idefics3Processor
+
+    tokenizer = idefics3_tokenizer()
     side = IDEFICS3_VISION["image_size"]
     # One tile = the vision encoder's input; `size` allows a 2x2 split when splitting is switched on.
     image_processor = Idefics3ImageProcessorPil(
