@@ -109,3 +109,15 @@ def test_rerun_into_the_same_out_resumes_from_the_last_checkpoint(tmp_path, caps
     steps = [m["step"] for m in read_metrics(tmp_path) if "loss" in m]
     assert steps == [1, 2, 3, 4], "each step logged once: the re-run continued, it did not start over"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("model.id=no-such-org/no-such-vlm", "'model.id'"),
+    ("rewards.0.model=no-such-org/no-such-clip", "'rewards[0]' (grounding)"),
+])
+def test_unreachable_model_is_one_line_naming_the_key(tmp_path, override, culprit):
+    from vizer.config import RecipeError
+
+    with pytest.raises(RecipeError) as err:
+        train(load_recipe("tiny-shapes", [override]), tmp_path)
+    assert str(err.value).startswith(culprit) and "\n" not in str(err.value)

@@ -57,7 +57,11 @@ def load_model(model_cfg: dict, *, for_training: bool = True, gradient_checkpoin
         family = detect_family(path, model_cfg["family"], revision)
     except OSError as err:
         raise RecipeError(f"'model.id': cannot load config of {model_cfg['id']} ({str(err).splitlines()[0]})") from None
-    processor = family.load_processor(path, model_cfg["processor"], revision)
+    try:
+        processor = family.load_processor(path, model_cfg["processor"], revision)
+    except OSError as err:
+        raise RecipeError(f"'model.id': cannot load the processor of {model_cfg['id']} "
+                          f"({str(err).splitlines()[0]})") from None
     if getattr(processor, "chat_template", None) is None:
         raise RecipeError(f"'model.id': the processor of {model_cfg['id']} has no chat template")
     processor.tokenizer.padding_side = "left"  # generation pads on the left
@@ -70,7 +74,10 @@ def load_model(model_cfg: dict, *, for_training: bool = True, gradient_checkpoin
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": _local_device()}
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise RecipeError(f"'model.id': cannot load {model_cfg['id']} ({str(err).splitlines()[0]})") from None
     if quant is not None:
         _disable_avx512bf16_repack(model)
         if for_training:

@@ -75,6 +75,17 @@ def print_rewards(recipe: dict) -> None:
         print(f"  {reward_name(entry):<14} x{weight:<6g} {abs(weight) / total:5.0%}  {options or ''}")
 
 
+def build_rewards(recipe: dict, device: str) -> list:
+    funcs = []
+    for i, entry in enumerate(recipe["rewards"]):
+        try:
+            funcs.append(build_reward(entry, device=device, prompt=recipe["prompt"]))
+        except OSError as err:  # a scorer that is neither a folder nor reachable on the hub
+            raise RecipeError(f"'rewards[{i}]' ({reward_name(entry)}): cannot load its model "
+                              f"({str(err).splitlines()[0]})") from None
+    return funcs
+
+
 def prepare_resume(out_dir: Path) -> str | None:
     """The last checkpoint in OUT, with metrics.jsonl trimmed to the steps it already covers."""
     checkpoint = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
@@ -100,7 +111,7 @@ def train(recipe: dict, out_dir: Path) -> Path:
 
     print_rewards(recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    reward_funcs = [build_reward(entry, device=device, prompt=recipe["prompt"]) for entry in recipe["rewards"]]
+    reward_funcs = build_rewards(recipe, device)
 
     loaded = load_model(recipe["model"], gradient_checkpointing=args.gradient_checkpointing)
     peft_config = lora_config(recipe["model"]["lora"], loaded.model, loaded.family)
