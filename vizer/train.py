@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
@@ -110,7 +111,7 @@ def train(recipe: dict, out_dir: Path) -> Path:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
 
     print_rewards(recipe)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(PartialState().device)  # this process's GPU under accelerate launch, else cpu
     reward_funcs = build_rewards(recipe, device)
 
     loaded = load_model(recipe["model"], gradient_checkpointing=args.gradient_checkpointing)
