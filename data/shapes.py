@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import typing
 from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
@@ -93,12 +94,17 @@ def render(scene: Scene, size: int = 64, background: tuple[int, int, int] = (245
     return image
 
 
+def describe_objects(objects: typing.Sequence[ShapeObject], sizes: bool = True) -> str:
+    """'a large red circle and a small blue square' (or without the sizes), in the order given."""
+    parts = [f"a {o.size} {o.colour} {o.shape}" if sizes else f"a {o.colour} {o.shape}" for o in objects]
+    if len(parts) <= 1:
+        return "".join(parts)
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def describe(scene: Scene) -> str:
     """The reference caption: 'a large red circle and a small blue square'."""
-    parts = [f"a {o.size} {o.colour} {o.shape}" for o in scene.objects]
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
+    return describe_objects(scene.objects)
 
 
 def shapes_scenes(split: str, n: int, max_objects: int = 3) -> list[Scene]:

@@ -21,11 +21,8 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -65,24 +62,17 @@ class CaptionerConfig:
 
 def build_shapes_captioner(root: Path | None = None, seed: int = 0, **overrides) -> Path:
     """Return <root>/shapes/captioner-v1 (default recipe) or captioner-v1-<hash>, building it if missing."""
-    from vizer.tiny import cache_root
+    from vizer.tiny import build_once, cache_root
 
     cfg = CaptionerConfig(seed=seed, **overrides)
     root = Path(root) if root is not None else cache_root()
     target = root / "shapes" / _folder_name(cfg)
-    if (target / MARKER).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target so the final rename stays on one filesystem (atomic).
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         info = _build(tmp, cfg)
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        _publish(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(target, build, MARKER)
 
 
 def perception_report(folder: Path | str, n_scenes: int = 600, seed: int = 0) -> dict:
@@ -161,20 +151,6 @@ def _folder_name(cfg: CaptionerConfig) -> str:
         return f"captioner-{VERSION}"
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
     return f"captioner-{VERSION}-{key}"
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a finished build into place atomically; a concurrent winner's folder is kept."""
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if (target / MARKER).is_file():
-            return  # another process finished first: same recipe, same result
-        # A folder without a marker is an interrupted write; replace it.
-        stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
-        os.rename(target, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-        os.rename(tmp, target)
 
 
 def _build(out: Path, cfg: CaptionerConfig) -> dict:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data.shapes import COLOURS, SHAPES, SIZES, Scene, ShapeObject, render, shapes_scenes
+from data.shapes import describe_objects as caption
+from vizer.tiny import build_once, cache_root
 
 _FORMAT = 1  # bump when the training recipe changes, so stale caches are not reused
 
@@ -71,34 +70,12 @@ class ShapesClipConfig:
 JUDGE_CONFIG = {"split": "judge", "seed": 1, "hidden": 48, "vision_hidden": 96}
 
 
-def cache_dir() -> Path:
-    try:
-        from vizer.tiny import cache_root
-
-        return Path(cache_root())
-    except ImportError:  # the tiny-model builder is optional for this module
-        return Path(os.environ.get("VIZER_CACHE") or Path.home() / ".cache" / "vizer")
-
-
 def shapes_clip_path(**overrides) -> str:
     """Folder of the trained shapes CLIP; trains it on first use (cached by config)."""
     cfg = ShapesClipConfig(**overrides)
     key = hashlib.sha256(json.dumps([_FORMAT, asdict(cfg)], sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir() / f"shapes-clip-{key}"
-    if (folder / "config.json").exists():
-        return str(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        train(cfg, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            tmp.rename(folder)  # atomic: a concurrent trainer that finished first wins
-        except OSError:
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    folder = cache_root() / f"shapes-clip-{key}"
+    build_once(folder, lambda tmp: train(cfg, tmp), marker="shapes_clip.json")  # train() writes it last
     return str(folder)
 
 
@@ -108,14 +85,6 @@ def shapes_judge_path() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- captions
-def caption(objects: tuple[ShapeObject, ...] | list[ShapeObject], sizes: bool = True) -> str:
-    """'a large red circle and a small blue square' (or without the sizes), in the order given."""
-    parts = [f"a {o.size} {o.colour} {o.shape}" if sizes else f"a {o.colour} {o.shape}" for o in objects]
-    if len(parts) <= 1:
-        return "".join(parts)
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
 def _swap(o: ShapeObject, rng: random.Random, attr: str) -> ShapeObject:
     pool = list(COLOURS) if attr == "colour" else list(SHAPES)
     new = rng.choice([v for v in pool if v != getattr(o, attr)])

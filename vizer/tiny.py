@@ -16,7 +16,10 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+
+from data import shapes
 
 TINY_PREFIX = "tiny:"
 KINDS = ("idefics3", "qwen2_vl", "clip", "siglip")
@@ -48,20 +51,13 @@ def build_tiny(kind: str, root: Path | None = None) -> Path:
     if (target / MARKER).is_file():
         return target
     with _BUILD_LOCK:
-        if (target / MARKER).is_file():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target so the final rename stays on one filesystem (atomic).
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+
+        def build(tmp: Path) -> None:
             with _no_progress_bars():
                 info = _BUILDERS[kind](tmp)
             (tmp / MARKER).write_text(json.dumps({"kind": kind, "version": VERSION, "seed": SEED, **info}, indent=2))
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-            _publish(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+        return build_once(target, build)
 
 
 # Models the project trains itself (seconds to minutes on CPU, cached): "module:function" -> folder.
@@ -89,12 +85,32 @@ def resolve_model_id(model_id: str) -> str:
     return str(build_tiny(kind))
 
 
-def _publish(tmp: Path, target: Path) -> None:
+def build_once(target: Path, build: Callable[[Path], None], marker: str = MARKER) -> Path:
+    """Run `build` into a temp folder beside `target` and move it into place atomically.
+
+    `build` must write `marker` last: a folder holding it is finished and is reused as is, also
+    one another process published first.
+    """
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target so the final rename stays on one filesystem (atomic).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        _publish(tmp, target, marker)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _publish(tmp: Path, target: Path, marker: str = MARKER) -> None:
     """Move a finished build into place atomically; a concurrent winner's folder is kept."""
     try:
         os.rename(tmp, target)
     except OSError:
-        if (target / MARKER).is_file():
+        if (target / marker).is_file():
             return  # another process finished first: its build is identical
         # A leftover folder without a marker is an interrupted foreign write; replace it.
         stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
@@ -107,9 +123,8 @@ def _publish(tmp: Path, target: Path) -> None:
 # Tokenizer: byte-level BPE trained on generated captions
 # ---------------------------------------------------------------------------------------------
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle")
-SIZES = ("small", "large")
+# The synthetic scenes' vocabulary, so that shape captions tokenize into whole words.
+COLOURS, SHAPES, SIZES = tuple(shapes.COLOURS), shapes.SHAPES, tuple(shapes.SIZES)
 _GENERAL_NOUNS = (
     "man woman person people child boy girl baby dog cat bird horse cow sheep elephant giraffe zebra bear "
     "car bus truck train bike bicycle motorcycle boat plane street road sidewalk building house city tree "
