@@ -73,16 +73,30 @@ def _is_image_feature(dataset: Dataset | IterableDataset, column: str) -> bool:
     return isinstance((dataset.features or {}).get(column), ImageFeature)
 
 
+ImageSource = Image.Image | Path | str | dict
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """A fully decoded PIL image from a PIL image, a file path, or datasets' {"bytes", "path"} record.
+
+    Decoding the pixels (not only PIL's header `verify()`) is what catches truncated files."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, dict):
+        source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
+    image = Image.open(source)
+    image.load()
+    return image
+
+
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError, AttributeError)
+
+
 def _open_image(value, image_id: str, where: str) -> Image.Image | None:
-    """A PIL image from a decoded image or datasets' {bytes, path} record; None if unreadable."""
-    if isinstance(value, Image.Image):
-        return value
+    """load_image, or None (said once per image) if it cannot be decoded."""
     try:
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-        image = Image.open(source)
-        image.load()
-        return image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError, AttributeError):
+        return load_image(value)
+    except UNREADABLE:
         print(f"{where}: skipping unreadable image {image_id}")
         return None
 
@@ -99,11 +113,18 @@ def find_images(folder: Path) -> list[Path]:
 
 def readable(path: Path) -> bool:
     try:
-        with Image.open(path) as image:
-            image.verify()
+        load_image(path).close()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except UNREADABLE:
         return False
+
+
+def split_readable(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(readable, unreadable) image files under folder, searched recursively."""
+    paths = find_images(folder)
+    good = [p for p in paths if readable(p)]
+    kept = set(good)
+    return good, [p for p in paths if p not in kept]
 
 
 def load_folder_references(folder: Path) -> dict[str, list[str]]:
@@ -126,10 +147,9 @@ def load_folder_references(folder: Path) -> dict[str, list[str]]:
 
 def _folder(cfg: dict, where: str, with_references: bool) -> Dataset:
     folder = Path(cfg["path"]).expanduser()
-    paths = find_images(folder)
-    good = [p for p in paths if readable(p)]
-    if len(good) < len(paths):
-        print(f"{where}: skipped {len(paths) - len(good)} unreadable image(s) in {folder}")
+    good, bad = split_readable(folder)
+    if bad:
+        print(f"{where}: skipped {len(bad)} unreadable image(s) in {folder}")
     if not good:
         raise RecipeError(f"'{where}.path': no readable images in {folder}")
     if cfg["limit"] is not None:

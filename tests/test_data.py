@@ -120,3 +120,15 @@ def test_hub_source_skips_a_corrupt_image(tmp_path, streaming):
     Dataset.from_dict({"image": images, "n": [0, 1, 2]}, features=features).to_parquet(str(tmp_path / "train.parquet"))
     rows = list(build_dataset(data_cfg(source="hub", id=str(tmp_path), streaming=streaming), PROMPT))
     assert len(rows) == 2 and all(isinstance(r["image"], Image.Image) for r in rows)
+
+
+def test_folder_skips_a_truncated_image_that_passes_a_header_check(tmp_path, capsys):
+    import io as _io
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "good.png")
+    whole = _io.BytesIO()
+    render(make_scene(3)).save(whole, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    ds = build_dataset(data_cfg(source="folder", path=str(tmp_path)), PROMPT)
+    assert ds["image_id"] == ["good.png"]
+    assert "skipped 1 unreadable image" in capsys.readouterr().out

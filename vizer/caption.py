@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data.sources import conversational_prompt, find_images, readable
+from data.sources import ImageSource, conversational_prompt, load_image, split_readable
 from vizer.config import MODEL_SCHEMA, TOP_SCHEMA, RecipeError, load_recipe
 from vizer.models import LoadedModel, load_with_adapter
 
@@ -56,17 +55,12 @@ def place(loaded: LoadedModel) -> torch.device:
     return next(loaded.model.parameters()).device
 
 
-ImageLike = Image.Image | Path | str | dict
+ImageLike = ImageSource
 
 
 def open_image(source: ImageLike) -> Image.Image:
-    """A PIL image from a PIL image, a file path, or a `datasets` undecoded image {"bytes", "path"}."""
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    if isinstance(source, dict):
-        source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
-    with Image.open(source) as image:
-        return image.convert("RGB")
+    """An RGB PIL image from a PIL image, a file path, or a `datasets` undecoded image {"bytes", "path"}."""
+    return load_image(source).convert("RGB")
 
 
 @torch.inference_mode()
@@ -98,23 +92,6 @@ def generate_captions(loaded: LoadedModel, images: Sequence[ImageLike], prompt: 
                 on_batch(start, captions)
             bar.update(len(batch))
     return out
-
-
-def readable_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(readable, unreadable) image files under folder."""
-    paths = find_images(folder)
-    good = [p for p in paths if readable(p)]
-    kept = set(good)
-    return good, [p for p in paths if p not in kept]
-
-
-def decodes(source: ImageLike) -> bool:
-    """Whether the image decodes fully (a file can pass PIL's verify() and still fail to load)."""
-    try:
-        open_image(source)
-        return True
-    except Exception:  # PIL raises many types for broken files
-        return False
 
 
 def model_for_adapter(adapter: Path) -> tuple[dict, str, dict]:
@@ -152,9 +129,7 @@ def caption_folder(adapter: Path | None, folder: Path, out: Path, *, model_cfg: 
         prompt = prompt or default_prompt
         decoding = decoding or Decoding.from_eval(eval_cfg)
     prompt, decoding = prompt or DEFAULT_PROMPT, decoding or Decoding()
-    good, bad = readable_images(folder)
-    broken = {p for p in good if not decodes(p)}
-    good, bad = [p for p in good if p not in broken], bad + sorted(broken)
+    good, bad = split_readable(folder)
     if bad:
         print(f"skipped {len(bad)} unreadable image(s): {', '.join(p.name for p in bad[:5])}{' ...' if len(bad) > 5 else ''}")
     if not good:

@@ -21,7 +21,8 @@ from datasets import Image as ImageFeature
 from transformers import AutoTokenizer
 
 from data import build_dataset, conversational_prompt
-from vizer.caption import Decoding, generate_captions, open_image, readable_images
+from data.sources import split_readable
+from vizer.caption import Decoding, generate_captions, open_image
 from vizer.config import DATA_SCHEMA, RecipeError, load_recipe
 from vizer.gallery import GalleryItem, thumbnail_data_uri, write_gallery
 from vizer.metrics import clip_scores, reference_scores, text_stats
@@ -69,7 +70,7 @@ def describe_data(cfg: dict) -> str:
 
 def load_eval_set(cfg: dict, prompt: str) -> tuple[list[EvalImage], int]:
     """The eval images with references (and scene for shapes), and how many were unreadable and skipped."""
-    skipped = len(readable_images(Path(cfg["path"]).expanduser())[1]) if cfg["source"] == "folder" else 0
+    skipped = len(split_readable(Path(cfg["path"]).expanduser())[1]) if cfg["source"] == "folder" else 0
     dataset = build_dataset(cfg, prompt, where="eval_data", with_references=True)
     if isinstance(dataset, Dataset):  # decode ourselves, so that one broken image is skipped, not fatal
         dataset = dataset.cast_column("image", ImageFeature(decode=False))
