@@ -14,10 +14,11 @@ RUN        ?= outputs/$(RECIPE)
 ADAPTER    ?= $(RUN)/adapter
 IMAGES     ?=
 
-.PHONY: help venv test test-all train eval caption check bench demo clean
+.PHONY: help venv lint test test-all train eval caption check bench demo clean
 
 help:
-	@echo "make test                              offline test suite (CPU)"
+	@echo "make test                              lint, then the offline test suite (CPU)"
+	@echo "make lint                              ruff check + ruff format --check"
 	@echo "make train RECIPE=<name> [OUT=dir] [ARGS='key.sub=value ...']"
 	@echo "make eval RUN=<dir> [ARGS=...]          base vs tuned captions: RUN/eval/results.{json,md}, gallery.html"
 	@echo "make caption ADAPTER=<dir> IMAGES=<folder>   captions.jsonl for a folder of images"
@@ -37,7 +38,11 @@ $(VENV)/.stamp: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	@touch $@
 
-test: venv
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
 
 test-all: venv
@@ -56,10 +61,10 @@ check: venv
 	$(PY) -m vizer check $(RECIPE) $(ARGS)
 
 bench: venv
-	$(OFFLINE) $(PY) -m vizer.bench
+	$(OFFLINE) $(PY) -m benchmarks
 
 demo: venv
-	$(OFFLINE) $(PY) -m vizer.demo $(ARGS)
+	$(OFFLINE) $(PY) -m shapescap.demo $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

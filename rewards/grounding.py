@@ -9,6 +9,7 @@ Score (option `score`):
 Each distinct image is encoded once per call (the G completions of a group share it), and image embeddings
 are kept in a bounded LRU cache keyed by `image_id` (or by the pixels when there is no id).
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable
@@ -17,7 +18,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from .common import LRUCache, Reward, image_key, resolve_model, to_rgb, torch_device
+from data.images import to_rgb
+
+from .common import LRUCache, Reward, image_key, torch_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,8 +101,11 @@ class GroundingReward(Reward):
         for i in range(0, len(images), self.batch_size):
             batch = [to_rgb(im) for im in images[i : i + self.batch_size]]
             inputs = self.image_processor(images=batch, return_tensors="pt")  # SigLIP2 adds masks and shapes
-            inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
-                      for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+            inputs = {
+                k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                for k, v in inputs.items()
+                if isinstance(v, torch.Tensor)
+            }
             out.append(_features(self.model.get_image_features(**inputs)).float())
         self.image_encodes += len(images)
         return F.normalize(torch.cat(out), dim=-1)
@@ -155,7 +161,9 @@ class GroundingReward(Reward):
             log_metric(f"rewards/{self.__name__}/truncated", self.truncated / len(valid))
         return scores
 
-    def _negative_similarity(self, text_emb: torch.Tensor, cos: torch.Tensor, rows: list[int], keys: list) -> torch.Tensor:
+    def _negative_similarity(
+        self, text_emb: torch.Tensor, cos: torch.Tensor, rows: list[int], keys: list
+    ) -> torch.Tensor:
         """Mean clipped cosine of each caption to the images that are not its own."""
         n_img = cos.shape[1]
         mask = torch.ones_like(cos)
@@ -171,14 +179,18 @@ class GroundingReward(Reward):
 
 
 def load_scorer(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any, Any]:
-    """Model, tokenizer and image processor of a CLIP/SigLIP-style checkpoint (hub id, folder or tiny: id)."""
+    """Model, tokenizer and image processor of a CLIP/SigLIP-style checkpoint (hub id or folder)."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    path = resolve_model(model)
+    path = model
     scorer = AutoModel.from_pretrained(path, dtype=DTYPES[dtype])
     if not (hasattr(scorer, "get_image_features") and hasattr(scorer, "get_text_features")):
         raise ValueError(f"grounding: {model} ({type(scorer).__name__}) has no get_image_features/get_text_features")
-    return scorer.to(torch_device(device)).eval(), AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    return (
+        scorer.to(torch_device(device)).eval(),
+        AutoTokenizer.from_pretrained(path),
+        AutoImageProcessor.from_pretrained(path),
+    )
 
 
 def grounding(
@@ -195,7 +207,7 @@ def grounding(
     """Image-caption agreement by a CLIP/SigLIP-style model.
 
     Args:
-        model: hub id, local folder, or `tiny:shapes-clip` / `tiny:clip` / `tiny:siglip`.
+        model: hub id or local folder (in a recipe also a `tiny:` id, e.g. `tiny:shapes-clip`).
         score: `clip_s` (w * max(cos, 0)), `cosine`, or `contrastive` (own image minus other images).
         prefix: prepended to every caption ("" for none).
         w: CLIP-S scale.
@@ -207,6 +219,14 @@ def grounding(
     """
     scorer, tokenizer, processor = load_scorer(model, device, dtype)
     return GroundingReward(
-        scorer, tokenizer, processor, score=score, prefix=prefix, w=w, batch_size=batch_size,
-        cache_size=cache_size, negatives=negatives, device=device,
+        scorer,
+        tokenizer,
+        processor,
+        score=score,
+        prefix=prefix,
+        w=w,
+        batch_size=batch_size,
+        cache_size=cache_size,
+        negatives=negatives,
+        device=device,
     )

@@ -7,6 +7,7 @@ Each returns 0.0 for a clean caption and a negative penalty otherwise.
   red square" (a repeated object) and "a red square red square" (a run-on, which no trigram repeats).
 - degenerate: no letters, an echo of the prompt, or chat-template leftovers.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -23,12 +24,117 @@ TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[^\w\s]")  # words and punctuatio
 
 # Words that carry no object or attribute: repeating them is grammar, not a repeated object.
 STOPWORDS = frozenset(
-    """a an the and or but nor of in on at to with without for from by as into onto over under above below
-    near next beside besides behind between among across along around against through inside outside front
-    back left right top bottom middle center centre side corner upper lower is are was were be been being
-    has have had there here this that these those it its they them their he she his her we you i which who
-    whose where while when what some any each every other another one also just very then than both all
-    it's there's photo picture image shows showing depicts depicting""".split()
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "but",
+        "nor",
+        "of",
+        "in",
+        "on",
+        "at",
+        "to",
+        "with",
+        "without",
+        "for",
+        "from",
+        "by",
+        "as",
+        "into",
+        "onto",
+        "over",
+        "under",
+        "above",
+        "below",
+        "near",
+        "next",
+        "beside",
+        "besides",
+        "behind",
+        "between",
+        "among",
+        "across",
+        "along",
+        "around",
+        "against",
+        "through",
+        "inside",
+        "outside",
+        "front",
+        "back",
+        "left",
+        "right",
+        "top",
+        "bottom",
+        "middle",
+        "center",
+        "centre",
+        "side",
+        "corner",
+        "upper",
+        "lower",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "being",
+        "has",
+        "have",
+        "had",
+        "there",
+        "here",
+        "this",
+        "that",
+        "these",
+        "those",
+        "it",
+        "its",
+        "they",
+        "them",
+        "their",
+        "he",
+        "she",
+        "his",
+        "her",
+        "we",
+        "you",
+        "i",
+        "which",
+        "who",
+        "whose",
+        "where",
+        "while",
+        "when",
+        "what",
+        "some",
+        "any",
+        "each",
+        "every",
+        "other",
+        "another",
+        "one",
+        "also",
+        "just",
+        "very",
+        "then",
+        "than",
+        "both",
+        "all",
+        "it's",
+        "there's",
+        "photo",
+        "picture",
+        "image",
+        "shows",
+        "showing",
+        "depicts",
+        "depicting",
+    ]
 )
 
 TEMPLATE_LEFTOVERS = re.compile(
@@ -66,7 +172,7 @@ def _runs_on(part: tuple[str, ...], whole: tuple[str, ...]) -> bool:
     n = len(part)
     if n < 2 or len(whole) < n + 2:
         return False
-    return any(whole[i:i + n] == part and (i >= 2 or len(whole) - i - n >= 2) for i in range(len(whole) - n + 1))
+    return any(whole[i : i + n] == part and (i >= 2 or len(whole) - i - n >= 2) for i in range(len(whole) - n + 1))
 
 
 def repeated_phrases(text: str, stopwords: frozenset[str] = STOPWORDS) -> int:
@@ -125,16 +231,19 @@ class RepetitionReward(Reward):
         vocab: dict[str, int] = {}
         ids = [[vocab.setdefault(w, len(vocab)) for w in ts] for ts in tokens]
         ngram = self.ngram_penalty(completion_ids=ids)  # -(1 - distinct/total word n-grams)
-        return [g - self.phrase_penalty * repeated_phrases(t, self.stopwords) if t is not None else self.floor
-                for g, t in zip(ngram, texts)]
+        return [
+            g - self.phrase_penalty * repeated_phrases(t, self.stopwords) if t is not None else self.floor
+            for g, t in zip(ngram, texts)
+        ]
 
 
 class DegenerateReward(Reward):
     __name__ = "degenerate"
     floor = -1.0
 
-    def __init__(self, prompt: str = "", echo_threshold: float = 0.8, min_letter_ratio: float = 0.5,
-                 penalty: float = 1.0) -> None:
+    def __init__(
+        self, prompt: str = "", echo_threshold: float = 0.8, min_letter_ratio: float = 0.5, penalty: float = 1.0
+    ) -> None:
         self.prompt, self.echo_threshold = prompt, echo_threshold
         self.min_letter_ratio, self.penalty = min_letter_ratio, float(penalty)
         self.floor = -self.penalty
@@ -181,7 +290,9 @@ def length(min_words: int = 4, max_words: int = 40) -> LengthReward:
     return LengthReward(min_words, max_words)
 
 
-def repetition(ngram: int = 3, phrase_penalty: float = 1.0, extra_stopwords: list[str] | None = None) -> RepetitionReward:
+def repetition(
+    ngram: int = 3, phrase_penalty: float = 1.0, extra_stopwords: list[str] | None = None
+) -> RepetitionReward:
     """-(1 - distinct/total word n-grams) - phrase_penalty * (number of repeated content phrases).
 
     Args:
@@ -192,8 +303,9 @@ def repetition(ngram: int = 3, phrase_penalty: float = 1.0, extra_stopwords: lis
     return RepetitionReward(ngram, phrase_penalty, STOPWORDS | frozenset(w.lower() for w in extra_stopwords or ()))
 
 
-def degenerate(prompt: str = "", echo_threshold: float = 0.8, min_letter_ratio: float = 0.5,
-               penalty: float = 1.0) -> DegenerateReward:
+def degenerate(
+    prompt: str = "", echo_threshold: float = 0.8, min_letter_ratio: float = 0.5, penalty: float = 1.0
+) -> DegenerateReward:
     """-penalty for a caption with (almost) no letters, an echo of the prompt, or chat-template leftovers.
 
     Args:

@@ -4,17 +4,18 @@ An entry is `{name: <builtin or "pkg.module:factory">, weight: <float>, id: <opt
 `weight` goes to TRL's `reward_weights` (not to the plugin); every other key is a keyword argument of the
 factory. The callable's `__name__` is the entry's `id` or `name`, so TRL logs `rewards/<that>/mean`.
 """
+
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
-import os
 import re
 import types
 import typing
 from collections.abc import Callable
 from typing import Any
+
+from data.errors import ConfigError, closest
 
 from .common import Reward
 
@@ -29,15 +30,14 @@ RESERVED = ("name", "weight", "id")
 INJECTED = ("device", "prompt")  # filled in by build_reward when the factory takes them
 
 
-class RewardConfigError(ValueError):
+class RewardConfigError(ConfigError):
     """A reward entry that cannot be built; the message is one line naming the entry and the key."""
 
 
 def _closest(word: str, choices: typing.Iterable[str]) -> str:
+    """'(did you mean 'x'?); valid: a, b' after a message about `word`."""
     choices = list(choices)
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    hint = f"did you mean '{match[0]}'? " if match else ""
-    return f"{hint}valid: {', '.join(choices) or '(none)'}"
+    return f"{closest(word, choices)}; valid: {', '.join(choices) or '(none)'}"
 
 
 def _where(entry: Any, index: int | None) -> str:
@@ -50,7 +50,7 @@ def resolve_factory(name: str) -> Callable[..., Callable]:
     """The factory for a builtin name or an import path `pkg.module:factory`."""
     target = BUILTINS.get(name, name)
     if ":" not in target:
-        raise RewardConfigError(f"unknown reward plugin '{name}'; {_closest(name, BUILTINS)} or 'pkg.module:factory'")
+        raise RewardConfigError(f"unknown reward plugin '{name}'{_closest(name, BUILTINS)} or 'pkg.module:factory'")
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -58,9 +58,14 @@ def resolve_factory(name: str) -> Callable[..., Callable]:
         raise RewardConfigError(f"reward plugin '{name}': cannot import module '{module_name}' ({e})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        public = [n for n, v in vars(module).items()
-                  if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_")]
-        raise RewardConfigError(f"reward plugin '{name}': '{module_name}' has no factory '{attr}'; {_closest(attr, public)}")
+        public = [
+            n
+            for n, v in vars(module).items()
+            if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_")
+        ]
+        raise RewardConfigError(
+            f"reward plugin '{name}': '{module_name}' has no factory '{attr}'{_closest(attr, public)}"
+        )
     return factory
 
 
@@ -76,8 +81,7 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, str]:
         choices = typing.get_args(hint)
         if value in choices:
             return True, ""
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        return False, f"must be one of {', '.join(map(str, choices))}" + (f" (did you mean '{close[0]}'?)" if close else "")
+        return False, f"must be one of {', '.join(map(str, choices))}{closest(str(value), map(str, choices))}"
     if hint is type(None):
         return value is None, ""
     if hint is bool:
@@ -102,7 +106,9 @@ def _describe(hint: Any) -> str:
 def validate_reward_entry(entry: dict, index: int | None) -> None:
     """Check an entry without building it: the plugin resolves, its options exist and have sane types."""
     if not isinstance(entry, dict):
-        raise RewardConfigError(f"{_where(entry, index)}: expected a mapping like {{name: grounding, weight: 1.0}}, got {type(entry).__name__}")
+        raise RewardConfigError(
+            f"{_where(entry, index)}: expected a mapping like {{name: grounding, weight: 1.0}}, got {type(entry).__name__}"
+        )
     where = _where(entry, index)
     name = entry.get("name")
     if not isinstance(name, str) or not name:
@@ -130,31 +136,22 @@ def validate_reward_entry(entry: dict, index: int | None) -> None:
             if takes_any:
                 continue
             valid = [n for n in accepted if n not in INJECTED] + [n for n in accepted if n in INJECTED] + list(RESERVED)
-            raise RewardConfigError(f"{where}: unknown option '{key}'; {_closest(key, valid)}")
+            raise RewardConfigError(f"{where}: unknown option '{key}'{_closest(key, valid)}")
         ok, why = _type_ok(value, hints.get(key, inspect.Parameter.empty))
         if not ok:
             raise RewardConfigError(
                 f"{where}: option '{key}' {why or 'must be ' + _describe(hints[key])}, got {value!r}"
             )
-    model = entry.get("model")
-    if isinstance(model, str):
-        _check_model_id(model, where)
-    missing = [n for n, p in params.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and n not in entry and n not in INJECTED]
+    missing = [
+        n
+        for n, p in params.items()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and n not in entry
+        and n not in INJECTED
+    ]
     if missing:
         raise RewardConfigError(f"{where}: missing required option '{missing[0]}'")
-
-
-def _check_model_id(model: str, where: str) -> None:
-    """A `tiny:` id must be a known kind and a path-like id must exist; hub ids are checked when loading."""
-    if model.startswith("tiny:"):
-        from vizer.tiny import TINY_PREFIX, known_ids
-
-        kinds = [k[len(TINY_PREFIX):] for k in known_ids()]
-        if model[len(TINY_PREFIX):] not in kinds:
-            raise RewardConfigError(f"{where}: option 'model' {model!r} is not a tiny model; {_closest(model[5:], kinds)}")
-    elif model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
-        raise RewardConfigError(f"{where}: option 'model': no such folder {model!r}")
 
 
 def reward_name(entry: dict) -> str:
@@ -193,5 +190,5 @@ def build_reward(entry: dict, *, device: str = "cpu", prompt: str = "") -> Calla
     if isinstance(func, Reward):  # built fresh by the factory: name it in place
         func.__name__ = name
         return func
-    call = func if inspect.isfunction(func) or inspect.ismethod(func) else getattr(func, "__call__", func)
+    call = func if inspect.isfunction(func) or inspect.ismethod(func) else func.__call__
     return (AsyncNamedReward if inspect.iscoroutinefunction(call) else NamedReward)(func, name)

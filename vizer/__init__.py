@@ -1,4 +1,5 @@
 """vizer: the recipe runner (config, model families, training, evaluation)."""
+
 import logging
 
 # bitsandbytes warns at import on AVX512-BF16 CPUs that an optional hub kernel is missing; its

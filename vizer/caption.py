@@ -1,7 +1,8 @@
 """Batched caption generation with a loaded VLM; shared by `vizer eval` and `vizer caption`.
 
-    python -m vizer caption --adapter RUN/adapter --images FOLDER [--out FILE]
+python -m vizer caption --adapter RUN/adapter --images FOLDER [--out FILE]
 """
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from data.sources import ImageSource, conversational_prompt, load_image, split_readable
+from data.images import ImageSource, split_readable, to_rgb
+from data.sources import conversational_prompt
 from vizer.config import MODEL_SCHEMA, TOP_SCHEMA, RecipeError, load_recipe
 from vizer.models import LoadedModel, load_with_adapter
-
 
 DEFAULT_PROMPT: str = TOP_SCHEMA["prompt"][1]
 
@@ -31,7 +31,7 @@ class Decoding:
     seed: int = 0
 
     @classmethod
-    def from_eval(cls, eval_cfg: dict) -> "Decoding":
+    def from_eval(cls, eval_cfg: dict) -> Decoding:
         return cls(**{k: eval_cfg[k] for k in cls.__dataclass_fields__ if k in eval_cfg})
 
     @property
@@ -49,24 +49,24 @@ class Decoding:
 
 def place(loaded: LoadedModel) -> torch.device:
     """Move an unquantized model to the GPU when there is one; quantized models are placed at load time."""
-    if torch.cuda.is_available() and not getattr(loaded.model, "is_quantized", False) \
-            and getattr(loaded.model, "hf_device_map", None) is None:
+    if (
+        torch.cuda.is_available()
+        and not getattr(loaded.model, "is_quantized", False)
+        and getattr(loaded.model, "hf_device_map", None) is None
+    ):
         loaded.model.to("cuda")
     return next(loaded.model.parameters()).device
 
 
-ImageLike = ImageSource
-
-
-def open_image(source: ImageLike) -> Image.Image:
-    """An RGB PIL image from a PIL image, a file path, or a `datasets` undecoded image {"bytes", "path"}."""
-    return load_image(source).convert("RGB")
-
-
 @torch.inference_mode()
-def generate_captions(loaded: LoadedModel, images: Sequence[ImageLike], prompt: str, decoding: Decoding,
-                      on_batch: Callable[[int, list[list[str]]], None] | None = None, desc: str = "captions"
-                      ) -> list[list[str]]:
+def generate_captions(
+    loaded: LoadedModel,
+    images: Sequence[ImageSource],
+    prompt: str,
+    decoding: Decoding,
+    on_batch: Callable[[int, list[list[str]]], None] | None = None,
+    desc: str = "captions",
+) -> list[list[str]]:
     """`decoding.samples` captions per image, in order; images are opened one batch at a time.
     `on_batch(start, captions)` sees each batch as it ends (for caching)."""
     device = place(loaded)
@@ -80,13 +80,14 @@ def generate_captions(loaded: LoadedModel, images: Sequence[ImageLike], prompt: 
     out: list[list[str]] = []
     with tqdm(total=len(images), desc=desc, unit="img") as bar:
         for start in range(0, len(images), decoding.batch_size):
-            batch = [open_image(images[i]) for i in range(start, min(start + decoding.batch_size, len(images)))]
-            inputs = loaded.processor(text=[text] * len(batch), images=[[im] for im in batch],
-                                      return_tensors="pt", padding=True).to(device)
+            batch = [to_rgb(images[i]) for i in range(start, min(start + decoding.batch_size, len(images)))]
+            inputs = loaded.processor(
+                text=[text] * len(batch), images=[[im] for im in batch], return_tensors="pt", padding=True
+            ).to(device)
             generated = loaded.model.generate(**inputs, pad_token_id=pad_id, **kwargs)
-            new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+            new_tokens = generated[:, inputs["input_ids"].shape[1] :]
             texts = [t.strip() for t in loaded.processor.batch_decode(new_tokens, skip_special_tokens=True)]
-            captions = [texts[i:i + decoding.samples] for i in range(0, len(texts), decoding.samples)]
+            captions = [texts[i : i + decoding.samples] for i in range(0, len(texts), decoding.samples)]
             out.extend(captions)
             if on_batch is not None:
                 on_batch(start, captions)
@@ -112,8 +113,15 @@ def model_for_adapter(adapter: Path) -> tuple[dict, str, dict]:
     return model_cfg, DEFAULT_PROMPT, {}
 
 
-def caption_folder(adapter: Path | None, folder: Path, out: Path, *, model_cfg: dict | None = None,
-                   prompt: str | None = None, decoding: Decoding | None = None) -> Path:
+def caption_folder(
+    adapter: Path | None,
+    folder: Path,
+    out: Path,
+    *,
+    model_cfg: dict | None = None,
+    prompt: str | None = None,
+    decoding: Decoding | None = None,
+) -> Path:
     """Write {"image": relative path, "caption": text} per readable image (the format captions.jsonl
     references use); unreadable files are skipped and counted."""
     if not folder.is_dir():
@@ -131,7 +139,9 @@ def caption_folder(adapter: Path | None, folder: Path, out: Path, *, model_cfg: 
     prompt, decoding = prompt or DEFAULT_PROMPT, decoding or Decoding()
     good, bad = split_readable(folder)
     if bad:
-        print(f"skipped {len(bad)} unreadable image(s): {', '.join(p.name for p in bad[:5])}{' ...' if len(bad) > 5 else ''}")
+        print(
+            f"skipped {len(bad)} unreadable image(s): {', '.join(p.name for p in bad[:5])}{' ...' if len(bad) > 5 else ''}"
+        )
     if not good:
         raise RecipeError(f"--images: no readable images in {folder}")
     adapter_dir = str(adapter) if adapter is not None and (adapter / "adapter_config.json").is_file() else None

@@ -1,16 +1,16 @@
 """Command line: `python -m vizer train|check|eval|caption ...` (see `python -m vizer -h`)."""
+
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
-from vizer.config import RecipeError
+from vizer.config import RecipeError, load_recipe
 
 
 def _train(args: argparse.Namespace) -> None:
-    from vizer.config import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     from vizer.train import train  # heavy imports only after the recipe is known to be valid
 
@@ -18,9 +18,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from vizer.config import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
+    from vizer.train import grpo_args  # heavy imports only after the recipe is known to be valid
+
+    with tempfile.TemporaryDirectory() as out:  # builds the trainer's config as `make train` would, writes nothing
+        grpo_args(recipe, Path(out))
     print(f"{args.recipe}: ok ({recipe['model']['id']}, {len(recipe['rewards'])} rewards)")
 
 
@@ -50,9 +52,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=_check)
-    e = sub.add_parser("eval", help="base vs tuned captions on held-out images: RUN/eval/results.{json,md}, gallery.html")
+    e = sub.add_parser(
+        "eval", help="base vs tuned captions on held-out images: RUN/eval/results.{json,md}, gallery.html"
+    )
     e.add_argument("run", help="a finished run directory (holds recipe.yaml and adapter/)")
-    e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. eval.judge=... eval_data.limit=500")
+    e.add_argument(
+        "overrides", nargs="*", help="overrides of the run's recipe, e.g. eval.judge=... eval_data.limit=500"
+    )
     e.add_argument("--images", help="evaluate on this image folder (optional references in its captions.jsonl)")
     e.add_argument("--limit", type=int, help="evaluate on the first N images of the eval set")
     e.set_defaults(func=_eval)

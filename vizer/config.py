@@ -3,22 +3,27 @@
 Everything is checked here, before any model is loaded, so that a typo costs a second and
 not a model download. Errors are `RecipeError`s with one line that names the key.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
+import importlib
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from data.errors import ConfigError, closest
+from data.registry import get_source, source_names
+from rewards import validate_reward_entry
+from vizer.model_ids import check_model_id
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
-
-class RecipeError(ValueError):
-    """A recipe problem the user can fix; the message is one line."""
+# A recipe problem the user can fix; the message is one line. Data sources and reward plugins raise the same.
+RecipeError = ConfigError
 
 
 # Schema: section -> {key: (accepted types, default)}. `None` default = optional, REQUIRED = must be given.
@@ -56,9 +61,7 @@ DATA_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "limit": ((int,), None),
     "shuffle": ((bool,), False),
     "seed": ((int,), 0),
-    "image_size": ((int,), 64),  # synthetic shapes only
-    "max_objects": ((int,), 3),  # synthetic shapes only
-}
+}  # a source may add keys of its own (Source.options), e.g. shapes' image_size
 EVAL_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "scorer": ((str,), "openai/clip-vit-base-patch32"),  # CLIP-S scorer (Hessel et al.)
     "judge": ((str,), None),  # optional second, independent scorer
@@ -70,6 +73,7 @@ EVAL_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "seed": ((int,), 0),
 }
 TOP_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "plugins": ((list,), []),  # modules imported first; they register data sources and local models
     "model": ((dict,), REQUIRED),
     "prompt": ((str,), "Describe this image."),
     "data": ((dict,), REQUIRED),
@@ -84,20 +88,20 @@ CHOICES = {
     "model.quantization": ("none", "4bit", "8bit"),
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.family": ("auto", "idefics3", "qwen2_vl", "generic"),
-    "data.source": ("hub", "folder", "shapes"),
 }
 # GRPOConfig fields that the runner owns: set them in the recipe's own sections instead.
 GRPO_RESERVED = {"output_dir": "OUT", "reward_weights": "rewards[].weight"}
 
 
-def closest(word: str, options: typing.Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 def _type_name(types: tuple) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
-             list: "a list"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        dict: "a mapping",
+        list: "a list",
+    }
     return " or ".join(names[t] for t in types)
 
 
@@ -121,7 +125,9 @@ def _check_section(section: dict, schema: dict, where: str) -> dict:
             raise RecipeError(f"'{where}{key}' expects {_type_name(types)}, got {value!r}")
         choices = CHOICES.get(where + key)
         if choices and value not in choices:
-            raise RecipeError(f"'{where}{key}' must be one of {', '.join(choices)}, got {value!r}{closest(value, choices)}")
+            raise RecipeError(
+                f"'{where}{key}' must be one of {', '.join(choices)}, got {value!r}{closest(value, choices)}"
+            )
         out[key] = value
     return out
 
@@ -163,8 +169,17 @@ def _check_grpo(grpo: dict) -> dict:
     return out
 
 
-def _check_data(data: dict, where: str) -> dict:
-    data = _check_section(data, DATA_SCHEMA, where)
+def check_data(data: dict, where: str = "data.") -> dict:
+    """A validated data section (defaults of the general schema and of its source filled in)."""
+    if not isinstance(data.get("source"), str):
+        raise RecipeError(
+            f"missing required key '{where}source'"
+            if data.get("source") is None
+            else f"'{where}source' expects a string, got {data['source']!r}"
+        )
+    source = get_source(data["source"], f"{where}source")
+    data = {k: v for k, v in data.items() if not _default_of_another_source(k, v, source.name)}
+    data = _check_section(data, {**DATA_SCHEMA, **source.options}, where)
     if data["source"] == "hub" and not data["id"]:
         raise RecipeError(f"'{where}id' is required when {where}source is hub")
     if data["source"] == "folder":
@@ -177,12 +192,31 @@ def _check_data(data: dict, where: str) -> dict:
     return data
 
 
-def _check_local_id(model_id: str, key: str) -> None:
-    from vizer.tiny import TINY_PREFIX, known_ids
+def _default_of_another_source(key: str, value: Any, source: str) -> bool:
+    """A resolved recipe holds its source's defaults (e.g. shapes' image_size); once an override switches
+    the source, those defaults no longer mean anything and are dropped. A non-default value stays and is
+    refused as an unknown key."""
+    if key in DATA_SCHEMA:
+        return False
+    return any(
+        key in get_source(name).options and get_source(name).options[key][1] == value
+        for name in source_names()
+        if name != source
+    )
 
-    if model_id.startswith(TINY_PREFIX) and model_id not in known_ids():
-        raise RecipeError(f"'{key}': unknown local model '{model_id}'{closest(model_id, known_ids())}; "
-                          f"available: {', '.join(known_ids())}")
+
+def import_plugins(plugins: list) -> None:
+    """Import the recipe's plugin modules (they register data sources and `tiny:` models)."""
+    for i, name in enumerate(plugins):
+        if not isinstance(name, str):
+            raise RecipeError(f"'plugins[{i}]' must be a module name, got {name!r}")
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # ImportError, or any error the plugin raises while importing
+            raise RecipeError(
+                f"'plugins[{i}]': cannot import {name!r} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''})"
+            ) from None
 
 
 def validate(raw: dict) -> dict:
@@ -190,34 +224,26 @@ def validate(raw: dict) -> dict:
     if not isinstance(raw, dict):
         raise RecipeError("a recipe must be a YAML mapping at the top level")
     recipe = _check_section(raw, TOP_SCHEMA, "")
+    import_plugins(recipe["plugins"])
     recipe["model"] = _check_section(recipe["model"], MODEL_SCHEMA, "model.")
     recipe["model"]["lora"] = _check_section(recipe["model"]["lora"], LORA_SCHEMA, "model.lora.")
-    model_id = recipe["model"]["id"]
-    _check_local_id(model_id, "model.id")
-    if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
-        raise RecipeError(f"'model.id': model folder not found: {model_id}")
-    recipe["data"] = _check_data(recipe["data"], "data.")
+    check_model_id(recipe["model"]["id"], "model.id")
+    recipe["data"] = check_data(recipe["data"], "data.")
     if recipe["eval_data"] is not None:
-        recipe["eval_data"] = _check_data(recipe["eval_data"], "eval_data.")
+        recipe["eval_data"] = check_data(recipe["eval_data"], "eval_data.")
     recipe["grpo"] = _check_grpo(recipe["grpo"])
     recipe["eval"] = _check_section(recipe["eval"], EVAL_SCHEMA, "eval.")
     if recipe["data"]["streaming"] and "max_steps" not in recipe["grpo"]:
         raise RecipeError("'grpo.max_steps' is required when data.streaming is true (a stream has no length)")
     if not recipe["rewards"]:
         raise RecipeError("'rewards' must list at least one reward plugin")
-    from rewards import RewardConfigError, validate_reward_entry
-
     for i, entry in enumerate(recipe["rewards"]):
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise RecipeError(f"'rewards[{i}]' must be a mapping with a 'name'")
-        if not isinstance(entry.get("weight", 1.0), _NUM) or isinstance(entry.get("weight"), bool):
-            raise RecipeError(f"'rewards[{i}].weight' must be a number, got {entry.get('weight')!r}")
+        validate_reward_entry(entry, i)
         if isinstance(entry.get("model"), str):
-            _check_local_id(entry["model"], f"rewards[{i}].model")
-        try:
-            validate_reward_entry(entry, i)
-        except RewardConfigError as err:
-            raise RecipeError(str(err)) from None
+            check_model_id(entry["model"], f"rewards[{i}].model")
+    for key in ("scorer", "judge"):
+        if recipe["eval"][key]:
+            check_model_id(recipe["eval"][key], f"eval.{key}")
     return recipe
 
 
@@ -269,7 +295,9 @@ def recipe_path(name_or_path: str) -> Path:
     candidate = RECIPES_DIR / f"{name_or_path}.yaml"
     if not candidate.is_file():
         names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-        raise RecipeError(f"unknown recipe '{name_or_path}'{closest(name_or_path, names)}; available: {', '.join(names)}")
+        raise RecipeError(
+            f"unknown recipe '{name_or_path}'{closest(name_or_path, names)}; available: {', '.join(names)}"
+        )
     return candidate
 
 

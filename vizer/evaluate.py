@@ -4,6 +4,7 @@ Writes RUN/eval/results.json ({"dataset", "n_images", "models": {"base": {...}, 
 RUN/eval/results.md (metric | base | tuned | Δ, and notes) and RUN/eval/gallery.html. Captions are cached
 in RUN/eval/cache/ per (model, decoding settings, image), so a re-run only generates what is missing.
 """
+
 from __future__ import annotations
 
 import gc
@@ -21,18 +22,18 @@ from datasets import Image as ImageFeature
 from transformers import AutoTokenizer
 
 from data import build_dataset, conversational_prompt
-from data.sources import split_readable
-from vizer.caption import Decoding, generate_captions, open_image
+from data.images import split_readable, to_rgb
+from data.registry import Source, get_source
+from rewards import build_reward, reward_name
+from rewards.grounding import grounding
+from vizer.caption import Decoding, generate_captions
 from vizer.config import DATA_SCHEMA, RecipeError, load_recipe
 from vizer.gallery import GalleryItem, thumbnail_data_uri, write_gallery
 from vizer.metrics import clip_scores, reference_scores, text_stats
+from vizer.model_ids import resolve_model_id, resolve_reward_entry
 from vizer.models import load_with_adapter
-from vizer.shapes_metrics import shapes_metrics
-from vizer.tiny import resolve_model_id
 
 MODELS = ("base", "tuned")
-LOWER_IS_BETTER = ("shapes/hallucination", "shapes/colour_hallucination", "shapes/shape_hallucination",
-                   "shapes/object_hallucination", "shapes/duplicate_object", "shapes/empty")
 GALLERY_MAX = 400  # beyond this, the gallery keeps the largest changes both ways (the page stays light)
 REWARD_CHUNK = 64  # images per reward call
 
@@ -40,10 +41,10 @@ REWARD_CHUNK = 64  # images per reward call
 @dataclass
 class EvalImage:
     image_id: str
-    source: object  # anything caption.open_image opens; decoded again only when needed
+    source: object  # anything data.images.to_rgb opens; decoded again only when needed
     digest: str  # of the decoded pixels: the cache key does not trust ids alone
     references: list[str] = field(default_factory=list)
-    scene: str | None = None
+    truth: str | None = None  # the source's known truth for this image (e.g. a shapes scene), as JSON
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,13 +64,18 @@ def folder_data_cfg(folder: Path, limit: int | None = None) -> dict:
 def describe_data(cfg: dict) -> str:
     if cfg["source"] == "folder":
         return f"folder:{cfg['path']}"
-    name = cfg["id"] if cfg["source"] == "hub" else "shapes"
-    return f"{name}/{cfg['split']}" + (f" (limit {cfg['limit']}, seed {cfg['seed']})" if cfg["shuffle"] else
-                                        f" (first {cfg['limit']})" if cfg["limit"] else "")
+    name = cfg["id"] if cfg["source"] == "hub" else cfg["source"]
+    return f"{name}/{cfg['split']}" + (
+        f" (limit {cfg['limit']}, seed {cfg['seed']})"
+        if cfg["shuffle"]
+        else f" (first {cfg['limit']})"
+        if cfg["limit"]
+        else ""
+    )
 
 
 def load_eval_set(cfg: dict, prompt: str) -> tuple[list[EvalImage], int]:
-    """The eval images with references (and scene for shapes), and how many were unreadable and skipped."""
+    """The eval images with references (and truth, for sources that know it), and how many were skipped."""
     skipped = len(split_readable(Path(cfg["path"]).expanduser())[1]) if cfg["source"] == "folder" else 0
     dataset = build_dataset(cfg, prompt, where="eval_data", with_references=True)
     if isinstance(dataset, Dataset):  # decode ourselves, so that one broken image is skipped, not fatal
@@ -77,12 +83,19 @@ def load_eval_set(cfg: dict, prompt: str) -> tuple[list[EvalImage], int]:
     items = []
     for row in dataset:
         try:
-            pixels = open_image(row["image"]).tobytes()
+            pixels = to_rgb(row["image"]).tobytes()
         except Exception:  # PIL raises many types for broken files: skip and count, never fail the report
             skipped += 1
             continue
-        items.append(EvalImage(row["image_id"], row["image"], hashlib.sha1(pixels).hexdigest()[:16],
-                               [r for r in row.get("references") or [] if r and r.strip()], row.get("scene")))
+        items.append(
+            EvalImage(
+                row["image_id"],
+                row["image"],
+                hashlib.sha1(pixels).hexdigest()[:16],
+                [r for r in row.get("references") or [] if r and r.strip()],
+                row.get("truth"),
+            )
+        )
     if not items:
         raise RecipeError("eval: no readable images in the eval set")
     return items, skipped
@@ -118,8 +131,9 @@ def read_cache(path: Path) -> dict[str, list[str]]:
     return cached
 
 
-def model_captions(tag: str, loader, items: Sequence[EvalImage], prompt: str, decoding: Decoding,
-                   cache: Path) -> list[list[str]]:
+def model_captions(
+    tag: str, loader, items: Sequence[EvalImage], prompt: str, decoding: Decoding, cache: Path
+) -> list[list[str]]:
     """Captions for every item, generating (and appending to the cache) only the missing ones."""
     keys = [f"{it.image_id}@{it.digest}" for it in items]
     cached = read_cache(cache)
@@ -129,6 +143,7 @@ def model_captions(tag: str, loader, items: Sequence[EvalImage], prompt: str, de
         loaded = loader()
         cache.parent.mkdir(parents=True, exist_ok=True)
         with cache.open("a") as f:
+
             def save(start: int, captions: list[list[str]]) -> None:
                 for j, texts in enumerate(captions):
                     key = keys[todo[start + j]]
@@ -136,8 +151,9 @@ def model_captions(tag: str, loader, items: Sequence[EvalImage], prompt: str, de
                     f.write(json.dumps({"key": key, "captions": texts}) + "\n")
                 f.flush()
 
-            generate_captions(loaded, [items[i].source for i in todo], prompt, decoding, on_batch=save,
-                              desc=f"captions ({tag})")
+            generate_captions(
+                loaded, [items[i].source for i in todo], prompt, decoding, on_batch=save, desc=f"captions ({tag})"
+            )
         del loaded
         gc.collect()
         if torch.cuda.is_available():
@@ -152,33 +168,40 @@ def model_captions(tag: str, loader, items: Sequence[EvalImage], prompt: str, de
 
 def build_scorers(recipe: dict, device: str) -> tuple[dict, dict]:
     """The training reward plugins by metric name, and CLIP-S scorers by metric suffix ("" and "_judge")."""
-    from rewards import build_reward
-    from rewards.registry import reward_name
-
-    rewards = {f"reward/{reward_name(e)}": build_reward(e, device=device, prompt=recipe["prompt"])
-               for e in recipe["rewards"]}
+    rewards = {
+        f"reward/{reward_name(e)}": build_reward(resolve_reward_entry(e), device=device, prompt=recipe["prompt"])
+        for e in recipe["rewards"]
+    }
     judges = {"": recipe["eval"]["scorer"], "_judge": recipe["eval"]["judge"]}
-    scorers = {suffix: build_reward({"name": "grounding", "model": model_id}, device=device)
-               for suffix, model_id in judges.items() if model_id}
+    scorers = {
+        suffix: build_reward({"name": "grounding", "model": resolve_model_id(model_id)}, device=device)
+        for suffix, model_id in judges.items()
+        if model_id
+    }
     return rewards, scorers
 
 
-def reward_scores(rewards: dict, prompt: str, items: Sequence[EvalImage], captions: Sequence[list[str]],
-                  tokenizer) -> dict[str, list[float | None]]:
+def reward_scores(
+    rewards: dict, prompt: str, items: Sequence[EvalImage], captions: Sequence[list[str]], tokenizer
+) -> dict[str, list[float | None]]:
     """Every training reward's score per caption (image-major, samples contiguous), called as TRL calls it."""
     out: dict[str, list[float | None]] = {name: [] for name in rewards}
     messages = conversational_prompt(prompt)
     for start in range(0, len(items), REWARD_CHUNK):  # an image's samples stay in one call: they are a group
         chunk = range(start, min(start + REWARD_CHUNK, len(items)))
         flat = [(i, c) for i in chunk for c in captions[i]]
-        images = {i: open_image(items[i].source) for i in chunk}
+        images = {i: to_rgb(items[i].source) for i in chunk}
         columns = {"image": [images[i] for i, _ in flat], "image_id": [items[i].image_id for i, _ in flat]}
-        if items[start].scene is not None:
-            columns["scene"] = [items[i].scene for i, _ in flat]
-        call = {"prompts": [messages] * len(flat),
-                "completions": [[{"role": "assistant", "content": c}] for _, c in flat],
-                "completion_ids": [tokenizer(c, add_special_tokens=False)["input_ids"] for _, c in flat],
-                "trainer_state": None, "log_extra": lambda *a, **k: None, "log_metric": lambda *a, **k: None}
+        if items[start].truth is not None:
+            columns["truth"] = [items[i].truth for i, _ in flat]
+        call = {
+            "prompts": [messages] * len(flat),
+            "completions": [[{"role": "assistant", "content": c}] for _, c in flat],
+            "completion_ids": [tokenizer(c, add_special_tokens=False)["input_ids"] for _, c in flat],
+            "trainer_state": None,
+            "log_extra": lambda *a, **k: None,
+            "log_metric": lambda *a, **k: None,
+        }
         for name, reward in rewards.items():
             out[name].extend(None if v is None else float(v) for v in reward(**call, **columns))
     return out
@@ -189,8 +212,13 @@ def mean(values: Sequence[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def score_model(items: Sequence[EvalImage], captions: Sequence[list[str]], rewards: dict, scorers: dict
-                ) -> tuple[dict, list[dict]]:
+def score_model(
+    items: Sequence[EvalImage],
+    captions: Sequence[list[str]],
+    rewards: dict,
+    scorers: dict,
+    source: Source | None = None,
+) -> tuple[dict, list[dict]]:
     """Corpus metrics and per-image scores (of each image's first caption) for one model's captions."""
     flat = [(i, c) for i, texts in enumerate(captions) for c in texts]
     texts = [c for _, c in flat]
@@ -204,8 +232,13 @@ def score_model(items: Sequence[EvalImage], captions: Sequence[list[str]], rewar
 
     with_refs = any(items[i].references for i, _ in flat)
     for suffix, scorer in scorers.items():
-        clip_s, ref_s = clip_scores(scorer, [items[i].source for i, _ in flat], texts,
-                                    [items[i].references for i, _ in flat], [items[i].image_id for i, _ in flat])
+        clip_s, ref_s = clip_scores(
+            scorer,
+            [items[i].source for i, _ in flat],
+            texts,
+            [items[i].references for i, _ in flat],
+            [items[i].image_id for i, _ in flat],
+        )
         add(f"clip_s{suffix}", clip_s)
         if with_refs:
             add(f"refclip_s{suffix}", ref_s)
@@ -221,10 +254,10 @@ def score_model(items: Sequence[EvalImage], captions: Sequence[list[str]], rewar
     corpus.update(ref_corpus)
     for key, row in zip(keys, per_flat):
         row.update(ref_each.get(key, {}))
-    if items and items[0].scene is not None:
-        shapes_corpus, shapes_each = shapes_metrics(texts, [items[i].scene for i, _ in flat])
-        corpus.update(shapes_corpus)
-        for row, extra in zip(per_flat, shapes_each):
+    if source is not None and source.metrics is not None and items and items[0].truth is not None:
+        truth_corpus, truth_each = source.metrics(texts, [items[i].truth for i, _ in flat])
+        corpus.update(truth_corpus)
+        for row, extra in zip(per_flat, truth_each):
             row.update(extra)
     first = {}
     for (i, _), row in zip(flat, per_flat):
@@ -239,23 +272,20 @@ def score_model(items: Sequence[EvalImage], captions: Sequence[list[str]], rewar
 
 def training_scorers(recipe: dict) -> set[str]:
     """The resolved models the grounding rewards trained against."""
-    from rewards.common import resolve_model
-    from rewards.grounding import grounding
-
     default = inspect.signature(grounding).parameters["model"].default
-    return {resolve_model(e.get("model", default)) for e in recipe["rewards"] if e["name"] == "grounding"}
+    return {resolve_model_id(e.get("model", default)) for e in recipe["rewards"] if e["name"] == "grounding"}
 
 
 def report_notes(recipe: dict, items: Sequence[EvalImage], skipped: int, gallery_note: str | None) -> list[str]:
-    from rewards.common import resolve_model
-
     notes = []
     trained_on = training_scorers(recipe)
     for key, what in (("scorer", "CLIP-S scorer"), ("judge", "judge")):
         model_id = recipe["eval"][key]
-        if model_id and resolve_model(model_id) in trained_on:
-            notes.append(f"the eval {what} ({model_id}) is the training grounding scorer: not an independent judge"
-                         + ("" if recipe["eval"]["judge"] else "; set eval.judge=<another CLIP/SigLIP> for a second one"))
+        if model_id and resolve_model_id(model_id) in trained_on:
+            notes.append(
+                f"the eval {what} ({model_id}) is the training grounding scorer: not an independent judge"
+                + ("" if recipe["eval"]["judge"] else "; set eval.judge=<another CLIP/SigLIP> for a second one")
+            )
     with_refs = sum(bool(it.references) for it in items)
     if with_refs < len(items):
         notes.append(f"reference metrics use the {with_refs} of {len(items)} images that have references")
@@ -272,23 +302,32 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def results_markdown(results: dict) -> str:
+def results_markdown(results: dict, lower_is_better: Sequence[str] = ()) -> str:
     base, tuned = results["models"]["base"], results["models"]["tuned"]
-    lines = [f"# Evaluation: {results['run']}", "",
-             f"dataset: {results['dataset']} · images: {results['n_images']} · skipped: {results['skipped_images']}",
-             "", "| metric | base | tuned | Δ |", "|---|---:|---:|---:|"]
+    lines = [
+        f"# Evaluation: {results['run']}",
+        "",
+        f"dataset: {results['dataset']} · images: {results['n_images']} · skipped: {results['skipped_images']}",
+        "",
+        "| metric | base | tuned | Δ |",
+        "|---|---:|---:|---:|",
+    ]
     for metric in base:
         b, t = base[metric], tuned.get(metric)
         delta = None if b is None or t is None else t - b
         lines.append(f"| {metric} | {fmt(b)} | {fmt(t)} | {'' if delta is None else f'{delta:+.4g}'} |")
-    lower = [m for m in base if m in LOWER_IS_BETTER]
+    lower = [m for m in base if m in lower_is_better]
     if lower:
         lines += ["", f"Lower is better for {', '.join(lower)}."]
     if results["notes"]:
         lines += ["", "Notes:", *[f"- {n}" for n in results["notes"]]]
     settings = results["settings"]
-    lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "prompt"),
-              f"Prompt: {settings['prompt']!r}", ""]
+    lines += [
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "prompt"),
+        f"Prompt: {settings['prompt']!r}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -308,8 +347,13 @@ def gallery_items(items: Sequence[EvalImage], per_image: dict) -> tuple[list[int
     return keep, f"gallery.html shows the {len(keep)} images with the largest CLIP-S changes of {len(items)}"
 
 
-def evaluate(run: Path, overrides: Sequence[str] = (), images: Path | None = None, limit: int | None = None,
-             out_dir: Path | None = None) -> Path:
+def evaluate(
+    run: Path,
+    overrides: Sequence[str] = (),
+    images: Path | None = None,
+    limit: int | None = None,
+    out_dir: Path | None = None,
+) -> Path:
     """Evaluate RUN's adapter against its base model; writes and returns out_dir (default RUN/eval)."""
     recipe_file, adapter = run / "recipe.yaml", run / "adapter"
     if not recipe_file.is_file():
@@ -330,24 +374,39 @@ def evaluate(run: Path, overrides: Sequence[str] = (), images: Path | None = Non
     decoding = Decoding.from_eval(recipe["eval"])
     out_dir = out_dir or run / "eval"
     model_keys = ("id", "revision", "family", "quantization", "dtype", "processor")
-    common = {"prompt": recipe["prompt"], "decoding": decoding.cache_key(),
-              "model": {**{k: recipe["model"][k] for k in model_keys},
-                        "path": resolve_model_id(recipe["model"]["id"])}}  # a tiny: id's path carries its version
+    common = {
+        "prompt": recipe["prompt"],
+        "decoding": decoding.cache_key(),
+        "model": {**{k: recipe["model"][k] for k in model_keys}, "path": resolve_model_id(recipe["model"]["id"])},
+    }  # a tiny: id's path carries its version
     is_peft = (adapter / "adapter_config.json").is_file()
     tuned_cfg = recipe["model"] if is_peft else {**recipe["model"], "id": str(adapter)}  # full fine-tune
-    loaders = {"base": lambda: load_with_adapter(recipe["model"], None),
-               "tuned": lambda: load_with_adapter(tuned_cfg, str(adapter) if is_peft else None)}
+    loaders = {
+        "base": lambda: load_with_adapter(recipe["model"], None),
+        "tuned": lambda: load_with_adapter(tuned_cfg, str(adapter) if is_peft else None),
+    }
     identities = {"base": {**common, "weights": "base"}, "tuned": {**common, "weights": hash_dir(adapter)}}
-    captions = {tag: model_captions(tag, loaders[tag], items, recipe["prompt"], decoding,
-                                    cache_file(run / "eval" / "cache", tag, identities[tag])) for tag in MODELS}
+    captions = {
+        tag: model_captions(
+            tag,
+            loaders[tag],
+            items,
+            recipe["prompt"],
+            decoding,
+            cache_file(run / "eval" / "cache", tag, identities[tag]),
+        )
+        for tag in MODELS
+    }
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_id(recipe["model"]["id"]),
-                                              revision=recipe["model"]["revision"])
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_id(recipe["model"]["id"]), revision=recipe["model"]["revision"]
+    )
     rewards, scorers = build_scorers(recipe, "cuda" if torch.cuda.is_available() else "cpu")
+    source = get_source(data_cfg["source"])
     metrics, per_image = {}, {}
     for tag in MODELS:
         values = reward_scores(rewards, recipe["prompt"], items, captions[tag], tokenizer)
-        metrics[tag], per_image[tag] = score_model(items, captions[tag], values, scorers)
+        metrics[tag], per_image[tag] = score_model(items, captions[tag], values, scorers, source)
 
     shown, gallery_note = gallery_items(items, per_image)
     results = {
@@ -358,18 +417,37 @@ def evaluate(run: Path, overrides: Sequence[str] = (), images: Path | None = Non
         "skipped_images": skipped,
         "n_with_references": sum(bool(it.references) for it in items),
         "notes": report_notes(recipe, items, skipped, gallery_note),
-        "settings": {"prompt": recipe["prompt"], **decoding.cache_key(), "scorer": recipe["eval"]["scorer"],
-                     "judge": recipe["eval"]["judge"], "model": recipe["model"]["id"],
-                     "adapter": identities["tuned"]["weights"]},
+        "settings": {
+            "prompt": recipe["prompt"],
+            **decoding.cache_key(),
+            "scorer": recipe["eval"]["scorer"],
+            "judge": recipe["eval"]["judge"],
+            "model": recipe["model"]["id"],
+            "adapter": identities["tuned"]["weights"],
+        },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "results.md").write_text(results_markdown(results))
-    gallery = [GalleryItem(thumbnail_data_uri(open_image(items[i].source)), items[i].image_id,
-                           captions["base"][i][0], captions["tuned"][i][0], per_image["base"][i],
-                           per_image["tuned"][i], items[i].references) for i in shown]
-    write_gallery(out_dir / "gallery.html", gallery, title=f"{run.name}: base vs tuned ({results['dataset']})",
-                  lower_is_better=LOWER_IS_BETTER, default_metric="clip_s")
-    print(results_markdown(results))
+    (out_dir / "results.md").write_text(results_markdown(results, source.lower_is_better))
+    gallery = [
+        GalleryItem(
+            thumbnail_data_uri(to_rgb(items[i].source)),
+            items[i].image_id,
+            captions["base"][i][0],
+            captions["tuned"][i][0],
+            per_image["base"][i],
+            per_image["tuned"][i],
+            items[i].references,
+        )
+        for i in shown
+    ]
+    write_gallery(
+        out_dir / "gallery.html",
+        gallery,
+        title=f"{run.name}: base vs tuned ({results['dataset']})",
+        lower_is_better=source.lower_is_better,
+        default_metric="clip_s",
+    )
+    print(results_markdown(results, source.lower_is_better))
     print(f"wrote {out_dir / 'results.json'}, results.md, gallery.html")
     return out_dir

@@ -4,6 +4,7 @@ A family knows how to load its processor (and the quirks of doing so), which ima
 knobs its image processor has, which modules are its language model (LoRA targets), and
 which modules should stay unquantized.
 """
+
 from __future__ import annotations
 
 import re
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 
-from vizer.config import RecipeError, closest
+from data.errors import closest
+from vizer.config import RecipeError
 
 # Leaf names of the language model's linear layers in Llama/Qwen-style decoders.
 DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -46,7 +48,9 @@ class Family:
 def apply_image_options(processor: ProcessorMixin, options: dict, family: Family) -> None:
     """Set image-processor knobs from the recipe, refusing names the processor does not have."""
     image_processor = processor.image_processor
-    valid = set(getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {})) | set(family.image_knobs)
+    valid = set(getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {})) | set(
+        family.image_knobs
+    )
     for key, value in options.items():
         if key in family.aliases:  # e.g. qwen2_vl's min_pixels -> size.shortest_edge
             size = dict(image_processor.size)
@@ -114,6 +118,7 @@ def language_lora_targets(model: torch.nn.Module, family: Family) -> str:
         return family.language_lora_regex
     decoder = model.get_decoder()
     prefix = next(name for name, module in model.named_modules() if module is decoder)
-    leaves = sorted({name.rsplit(".", 1)[-1] for name, module in decoder.named_modules()
-                     if isinstance(module, torch.nn.Linear)})
+    leaves = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
     return rf"{re.escape(prefix)}\..*\.({'|'.join(leaves)})"

@@ -2,6 +2,7 @@
 showing each image with its base and tuned captions side by side, their scores, and the change in a chosen
 score; rows sort by that change and filter to improved / worse / unchanged or by text.
 """
+
 from __future__ import annotations
 
 import base64
@@ -53,12 +54,15 @@ def _score_line(scores: dict[str, float]) -> str:
 
 
 def _row(item: GalleryItem) -> str:
-    pairs = {k: [_finite(item.base_scores[k]), _finite(item.tuned_scores[k])]
-             for k in item.base_scores if k in item.tuned_scores}
+    pairs = {
+        k: [_finite(item.base_scores[k]), _finite(item.tuned_scores[k])]
+        for k in item.base_scores
+        if k in item.tuned_scores
+    }
     refs = "".join(f"<li>{html.escape(r)}</li>" for r in item.references)
     return (
         f"<tr data-scores='{html.escape(json.dumps(pairs), quote=True)}'>"
-        f"<td><img src=\"{item.thumbnail}\" alt=\"{html.escape(item.image_id)}\">"
+        f'<td><img src="{item.thumbnail}" alt="{html.escape(item.image_id)}">'
         f"<div class=id>{html.escape(item.image_id)}</div>{f'<ul class=refs>{refs}</ul>' if refs else ''}</td>"
         f"<td><p class=cap>{html.escape(item.base) or '<i>(empty)</i>'}</p><div class=sc>{_score_line(item.base_scores)}</div></td>"
         f"<td><p class=cap>{html.escape(item.tuned) or '<i>(empty)</i>'}</p><div class=sc>{_score_line(item.tuned_scores)}</div></td>"
@@ -97,8 +101,9 @@ update();document.body.dataset.ready='1';
 """
 
 
-def render_gallery(items: Sequence[GalleryItem], *, title: str, lower_is_better: Sequence[str] = (),
-                   default_metric: str | None = None) -> str:
+def render_gallery(
+    items: Sequence[GalleryItem], *, title: str, lower_is_better: Sequence[str] = (), default_metric: str | None = None
+) -> str:
     keys = [k for k in (items[0].base_scores if items else {}) if k in items[0].tuned_scores]
     default = default_metric if default_metric in keys else (keys[0] if keys else "")
     options = "".join(f"<option{' selected' if k == default else ''}>{html.escape(k)}</option>" for k in keys)
@@ -114,7 +119,7 @@ def render_gallery(items: Sequence[GalleryItem], *, title: str, lower_is_better:
 <label>text <input id=search type=search placeholder="filter captions"></label>
 <span><span id=shown>{len(items)}</span> of {len(items)} images</span></div>
 <table><thead><tr><th>image</th><th>base</th><th>tuned</th><th>Δ</th></tr></thead>
-<tbody id=rows>{''.join(_row(i) for i in items)}</tbody></table>
+<tbody id=rows>{"".join(_row(i) for i in items)}</tbody></table>
 <script>const LOWER={json.dumps(list(lower_is_better))};{SCRIPT}</script></body></html>
 """
 

@@ -4,6 +4,7 @@ The reference scorers are pycocoevalcap's own pure-Python classes. Only their PT
 so `tokenize` stands in for it: lowercase, contractions split the PTB way, punctuation tokens dropped
 (pycocoevalcap's PUNCTUATIONS list, plus the brackets and quotes PTB rewrites into such tokens).
 """
+
 from __future__ import annotations
 
 import re
@@ -14,7 +15,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
-_DROP = set(PUNCTUATIONS) | set("()[]{}\"")
+_DROP = set(PUNCTUATIONS) | set('()[]{}"')
 _CONTRACTIONS = re.compile(r"(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
 _TOKENS = re.compile(r"n't|'\w+|\w+(?:[-.]\w+)*|\.\.\.|--|[^\w\s]")
 
@@ -34,14 +35,15 @@ def text_stats(captions: Sequence[str]) -> dict[str, float]:
     tokens = [tokenize(c) for c in captions]
     stats = {"length_words": sum(map(len, tokens)) / max(len(tokens), 1)}
     for n in (1, 2):
-        grams = [tuple(t[i:i + n]) for t in tokens for i in range(len(t) - n + 1)]
+        grams = [tuple(t[i : i + n]) for t in tokens for i in range(len(t) - n + 1)]
         stats[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
     stats["vocab_size"] = float(len({w for t in tokens for w in t}))
     return stats
 
 
-def reference_scores(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]]
-                     ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def reference_scores(
+    candidates: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Corpus CIDEr-D, BLEU-4, ROUGE-L and per-key scores, for the keys that have references.
 
     CIDEr's idf comes from the references of the whole set: score a set, not single captions.
@@ -54,28 +56,39 @@ def reference_scores(candidates: Mapping[str, str], references: Mapping[str, Seq
     return score_tokenized(gts, res)
 
 
-def score_tokenized(gts: dict[str, list[str]], res: dict[str, list[str]]
-                    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def score_tokenized(
+    gts: dict[str, list[str]], res: dict[str, list[str]]
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """pycocoevalcap's scorers on already tokenised text (space-joined tokens)."""
     cider, cider_each = Cider().compute_score(gts, res)
     bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, rouge_each = Rouge().compute_score(gts, res)
     corpus = {"cider_d": float(cider), "bleu_4": float(bleu[3]), "rouge_l": float(rouge)}
-    per_key = {k: {"cider_d": float(c), "bleu_4": float(b), "rouge_l": float(r)}
-               for k, c, b, r in zip(gts, cider_each, bleu_each[3], rouge_each)}
+    per_key = {
+        k: {"cider_d": float(c), "bleu_4": float(b), "rouge_l": float(r)}
+        for k, c, b, r in zip(gts, cider_each, bleu_each[3], rouge_each)
+    }
     return corpus, per_key
 
 
-def clip_scores(scorer, images: Sequence, captions: Sequence[str], references: Sequence[Sequence[str]],
-                image_ids: Sequence[str] | None = None) -> tuple[list[float], list[float | None]]:
+def clip_scores(
+    scorer,
+    images: Sequence,
+    captions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    image_ids: Sequence[str] | None = None,
+) -> tuple[list[float], list[float | None]]:
     """CLIP-S and RefCLIP-S (Hessel et al. 2021) per caption, with the `grounding` reward plugin as scorer.
 
     CLIP-S = w * max(cos(image, prefix + caption), 0) is the plugin's own `clip_s` score. RefCLIP-S is the
     harmonic mean of CLIP-S and max(max over references of cos(caption, reference), 0), both texts embedded
     the same way (prefixed), as in the reference implementation; None where an image has no references.
     """
-    clip_s = scorer(completions=[[{"role": "assistant", "content": c}] for c in captions], image=list(images),
-                    image_id=list(image_ids) if image_ids is not None else None)
+    clip_s = scorer(
+        completions=[[{"role": "assistant", "content": c}] for c in captions],
+        image=list(images),
+        image_id=list(image_ids) if image_ids is not None else None,
+    )
     ref_s: list[float | None] = [None] * len(captions)
     rows = [i for i, refs in enumerate(references) if refs]
     if rows:
@@ -85,7 +98,7 @@ def clip_scores(scorer, images: Sequence, captions: Sequence[str], references: S
         start = 0
         for k, i in enumerate(rows):
             n = len(references[i])
-            best = max(float((refs[start:start + n] @ candidates[k]).max()), 0.0)
+            best = max(float((refs[start : start + n] @ candidates[k]).max()), 0.0)
             start += n
             ref_s[i] = 2 * clip_s[i] * best / (clip_s[i] + best) if clip_s[i] + best > 0 else 0.0
     return clip_s, ref_s

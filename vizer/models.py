@@ -1,4 +1,5 @@
 """Load a VLM and its processor from a recipe's `model:` section (LoRA / QLoRA ready)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, PreTra
 
 from vizer.config import RecipeError
 from vizer.families import Family, detect_family, language_lora_targets
-from vizer.tiny import resolve_model_id
+from vizer.model_ids import resolve_model_id
 
 
 @dataclass
@@ -33,8 +34,13 @@ def quantization_config(kind: str, dtype: torch.dtype, family: Family) -> BitsAn
         return None
     skip = list(family.keep_unquantized)
     if kind == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip,
+        )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
@@ -60,8 +66,9 @@ def load_model(model_cfg: dict, *, for_training: bool = True, gradient_checkpoin
     try:
         processor = family.load_processor(path, model_cfg["processor"], revision)
     except OSError as err:
-        raise RecipeError(f"'model.id': cannot load the processor of {model_cfg['id']} "
-                          f"({str(err).splitlines()[0]})") from None
+        raise RecipeError(
+            f"'model.id': cannot load the processor of {model_cfg['id']} ({str(err).splitlines()[0]})"
+        ) from None
     if getattr(processor, "chat_template", None) is None:
         raise RecipeError(f"'model.id': the processor of {model_cfg['id']} has no chat template")
     processor.tokenizer.padding_side = "left"  # generation pads on the left
@@ -99,8 +106,13 @@ def lora_config(lora_cfg: dict, model: torch.nn.Module, family: Family) -> LoraC
     targets = lora_cfg["targets"]
     if targets == "language":
         targets = language_lora_targets(model, family)
-    return LoraConfig(r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"], lora_dropout=lora_cfg["dropout"],
-                      target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora_cfg["r"],
+        lora_alpha=lora_cfg["alpha"],
+        lora_dropout=lora_cfg["dropout"],
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_with_adapter(model_cfg: dict, adapter_dir: str | None) -> LoadedModel:

@@ -6,21 +6,39 @@ trainer later fails on missing `pixel_values`. The image-only processor here tok
 way (same image tokens, `pixel_values`, `image_grid_thw`, `mm_token_type_ids`) and saves folders
 that a full Qwen2VLProcessor loads again.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
-from transformers import PreTrainedTokenizerBase, Qwen2VLProcessor
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    Qwen2VLProcessor,
+)
 
 PROCESSOR_CONFIG = "processor_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # Image-processor settings the Qwen2-VL video processor shares with the image processor.
-_SHARED_VIDEO_KEYS = ("size", "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                      "image_mean", "image_std", "do_convert_rgb", "patch_size", "temporal_patch_size",
-                      "merge_size")
+_SHARED_VIDEO_KEYS = (
+    "size",
+    "do_resize",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+    "patch_size",
+    "temporal_patch_size",
+    "merge_size",
+)
 
 
 class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
@@ -33,9 +51,11 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
         self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.image_token)
+            self.image_token
+        )
         self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.video_token)
+            self.video_token
+        )
         # Skip Qwen2VLProcessor.__init__: it requires the video processor.
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
@@ -59,13 +79,17 @@ def video_processor_dict(image_processor) -> dict[str, Any]:
     """The Qwen2VLVideoProcessor config matching an image processor (legacy folders share one config)."""
     image = image_processor.to_dict()
     video = {key: image[key] for key in _SHARED_VIDEO_KEYS if key in image}
-    video.update(min_frames=4, max_frames=768, do_sample_frames=False, return_metadata=False,
-                 video_processor_type="Qwen2VLVideoProcessor")
+    video.update(
+        min_frames=4,
+        max_frames=768,
+        do_sample_frames=False,
+        return_metadata=False,
+        video_processor_type="Qwen2VLVideoProcessor",
+    )
     return video
 
 
-def write_processor_config(folder: str | Path, image_processor,
-                           processor_class: str = "Qwen2VLProcessor") -> Path:
+def write_processor_config(folder: str | Path, image_processor, processor_class: str = "Qwen2VLProcessor") -> Path:
     """Write processor_config.json as Qwen2VLProcessor.save_pretrained does (it can't run without torchvision)."""
     config = {
         "image_processor": image_processor.to_dict(),

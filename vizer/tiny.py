@@ -5,6 +5,7 @@ smoke runs exercise the same code paths as real checkpoints without network acce
 
     python -m vizer.tiny idefics3 [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from data import shapes
-
-TINY_PREFIX = "tiny:"
 KINDS = ("idefics3", "qwen2_vl", "clip", "siglip")
 VERSION = "v1"  # bump when a builder changes, so stale caches are never reused
 SEED = 1234
@@ -53,36 +51,11 @@ def build_tiny(kind: str, root: Path | None = None) -> Path:
     with _BUILD_LOCK:
 
         def build(tmp: Path) -> None:
-            with _no_progress_bars():
+            with no_progress_bars():
                 info = _BUILDERS[kind](tmp)
             (tmp / MARKER).write_text(json.dumps({"kind": kind, "version": VERSION, "seed": SEED, **info}, indent=2))
 
         return build_once(target, build)
-
-
-# Models the project trains itself (seconds to minutes on CPU, cached): "module:function" -> folder.
-TRAINED_KINDS = {
-    "shapes-clip": "vizer.shapes_clip:shapes_clip_path",
-    "shapes-judge": "vizer.shapes_clip:shapes_judge_path",
-    "shapes-captioner": "vizer.shapes_captioner:build_shapes_captioner",
-}
-
-
-def known_ids() -> list[str]:
-    return [TINY_PREFIX + kind for kind in (*KINDS, *TRAINED_KINDS)]
-
-
-def resolve_model_id(model_id: str) -> str:
-    """'tiny:idefics3' -> path of the built folder; any other id is returned unchanged."""
-    if not model_id.startswith(TINY_PREFIX):
-        return model_id
-    kind = model_id[len(TINY_PREFIX):]
-    if kind in TRAINED_KINDS:
-        import importlib
-
-        module, function = TRAINED_KINDS[kind].split(":")
-        return str(getattr(importlib.import_module(module), function)())
-    return str(build_tiny(kind))
 
 
 def build_once(target: Path, build: Callable[[Path], None], marker: str = MARKER) -> Path:
@@ -123,40 +96,249 @@ def _publish(tmp: Path, target: Path, marker: str = MARKER) -> None:
 # Tokenizer: byte-level BPE trained on generated captions
 # ---------------------------------------------------------------------------------------------
 
-# The synthetic scenes' vocabulary, so that shape captions tokenize into whole words.
-COLOURS, SHAPES, SIZES = tuple(shapes.COLOURS), shapes.SHAPES, tuple(shapes.SIZES)
-_GENERAL_NOUNS = (
-    "man woman person people child boy girl baby dog cat bird horse cow sheep elephant giraffe zebra bear "
-    "car bus truck train bike bicycle motorcycle boat plane street road sidewalk building house city tree "
-    "grass field park beach water ocean sea river lake sky cloud sun snow mountain hill table chair bench "
-    "plate bowl cup food pizza sandwich cake fruit apple banana orange bread kitchen room bed window door "
-    "wall floor clock sign light phone computer laptop book ball kite frisbee umbrella bag hat shirt jacket "
-    "background foreground object objects shape shapes circle square triangle line pattern scene picture "
-    "photo image view group pair couple crowd team game player fence flower flowers"
-).split()
-_GENERAL_ADJECTIVES = (
-    "small large big little tall short young old white black brown gray grey red green blue yellow purple "
-    "orange pink dark bright colorful colourful empty busy wooden plain simple single two three several many "
-    "blank solid round flat open sunny cloudy"
-).split()
-_GENERAL_VERBS = (
-    "standing sitting walking running holding looking playing riding eating drinking lying flying parked "
-    "waiting talking carrying wearing watching crossing driving posing resting smiling floating placed "
-    "shown drawn painted centered"
-).split()
-_PREPOSITIONS = (
-    "on in at near next to beside behind under over above below with of by inside along across between "
-    "against around"
-).split()
+# Words of simple shape drawings (the ShapesCap benchmark's vocabulary among them), so that shape captions
+# tokenize into whole words. Changing them changes every tiny tokenizer: bump VERSION.
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+_GENERAL_NOUNS = [
+    "man",
+    "woman",
+    "person",
+    "people",
+    "child",
+    "boy",
+    "girl",
+    "baby",
+    "dog",
+    "cat",
+    "bird",
+    "horse",
+    "cow",
+    "sheep",
+    "elephant",
+    "giraffe",
+    "zebra",
+    "bear",
+    "car",
+    "bus",
+    "truck",
+    "train",
+    "bike",
+    "bicycle",
+    "motorcycle",
+    "boat",
+    "plane",
+    "street",
+    "road",
+    "sidewalk",
+    "building",
+    "house",
+    "city",
+    "tree",
+    "grass",
+    "field",
+    "park",
+    "beach",
+    "water",
+    "ocean",
+    "sea",
+    "river",
+    "lake",
+    "sky",
+    "cloud",
+    "sun",
+    "snow",
+    "mountain",
+    "hill",
+    "table",
+    "chair",
+    "bench",
+    "plate",
+    "bowl",
+    "cup",
+    "food",
+    "pizza",
+    "sandwich",
+    "cake",
+    "fruit",
+    "apple",
+    "banana",
+    "orange",
+    "bread",
+    "kitchen",
+    "room",
+    "bed",
+    "window",
+    "door",
+    "wall",
+    "floor",
+    "clock",
+    "sign",
+    "light",
+    "phone",
+    "computer",
+    "laptop",
+    "book",
+    "ball",
+    "kite",
+    "frisbee",
+    "umbrella",
+    "bag",
+    "hat",
+    "shirt",
+    "jacket",
+    "background",
+    "foreground",
+    "object",
+    "objects",
+    "shape",
+    "shapes",
+    "circle",
+    "square",
+    "triangle",
+    "line",
+    "pattern",
+    "scene",
+    "picture",
+    "photo",
+    "image",
+    "view",
+    "group",
+    "pair",
+    "couple",
+    "crowd",
+    "team",
+    "game",
+    "player",
+    "fence",
+    "flower",
+    "flowers",
+]
+_GENERAL_ADJECTIVES = [
+    "small",
+    "large",
+    "big",
+    "little",
+    "tall",
+    "short",
+    "young",
+    "old",
+    "white",
+    "black",
+    "brown",
+    "gray",
+    "grey",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "pink",
+    "dark",
+    "bright",
+    "colorful",
+    "colourful",
+    "empty",
+    "busy",
+    "wooden",
+    "plain",
+    "simple",
+    "single",
+    "two",
+    "three",
+    "several",
+    "many",
+    "blank",
+    "solid",
+    "round",
+    "flat",
+    "open",
+    "sunny",
+    "cloudy",
+]
+_GENERAL_VERBS = [
+    "standing",
+    "sitting",
+    "walking",
+    "running",
+    "holding",
+    "looking",
+    "playing",
+    "riding",
+    "eating",
+    "drinking",
+    "lying",
+    "flying",
+    "parked",
+    "waiting",
+    "talking",
+    "carrying",
+    "wearing",
+    "watching",
+    "crossing",
+    "driving",
+    "posing",
+    "resting",
+    "smiling",
+    "floating",
+    "placed",
+    "shown",
+    "drawn",
+    "painted",
+    "centered",
+]
+_PREPOSITIONS = [
+    "on",
+    "in",
+    "at",
+    "near",
+    "next",
+    "to",
+    "beside",
+    "behind",
+    "under",
+    "over",
+    "above",
+    "below",
+    "with",
+    "of",
+    "by",
+    "inside",
+    "along",
+    "across",
+    "between",
+    "against",
+    "around",
+]
 _OPENERS = (
-    "a photo of", "an image of", "a picture of", "this image shows", "this picture shows", "the image shows",
-    "the photo depicts", "a photo depicts", "this photo depicts", "there is", "there are", "here we see",
-    "in this image there is", "a drawing of", "a simple drawing of",
+    "a photo of",
+    "an image of",
+    "a picture of",
+    "this image shows",
+    "this picture shows",
+    "the image shows",
+    "the photo depicts",
+    "a photo depicts",
+    "this photo depicts",
+    "there is",
+    "there are",
+    "here we see",
+    "in this image there is",
+    "a drawing of",
+    "a simple drawing of",
 )
 _PROMPTS = (
-    "Describe this image.", "Describe the image briefly.", "Describe this picture.", "What is in this photo?",
-    "Provide a one-sentence caption for the provided image.", "Write a short caption.",
-    "Caption this image.", "What shapes do you see?", "List the objects in the image.",
+    "Describe this image.",
+    "Describe the image briefly.",
+    "Describe this picture.",
+    "What is in this photo?",
+    "Provide a one-sentence caption for the provided image.",
+    "Write a short caption.",
+    "Caption this image.",
+    "What shapes do you see?",
+    "List the objects in the image.",
 )
 _POSITIONS = ("on the left", "on the right", "in the middle", "at the top", "at the bottom", "in the center")
 
@@ -194,8 +376,15 @@ def _general_caption(rng: random.Random) -> str:
 def caption_corpus(n: int = 3000, seed: int = SEED) -> list[str]:
     """Deterministic English-like text: shape captions, generic captions, prompts, role words."""
     rng = random.Random(seed)
-    lines = [" ".join(_GENERAL_NOUNS), " ".join(_GENERAL_ADJECTIVES), " ".join(_GENERAL_VERBS),
-             " ".join(_PREPOSITIONS), *_OPENERS, *_PROMPTS, "User: Assistant: system user assistant"]
+    lines = [
+        " ".join(_GENERAL_NOUNS),
+        " ".join(_GENERAL_ADJECTIVES),
+        " ".join(_GENERAL_VERBS),
+        " ".join(_PREPOSITIONS),
+        *_OPENERS,
+        *_PROMPTS,
+        "User: Assistant: system user assistant",
+    ]
     for i in range(n):
         text = _shapes_caption(rng) if i % 3 else _general_caption(rng)
         if rng.random() < 0.25:
@@ -251,7 +440,7 @@ def _seeded_model(model_cls, config):
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
@@ -286,48 +475,86 @@ IDEFICS3_CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-IDEFICS3_VISION = {"image_size": 64, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                   "num_hidden_layers": 2, "num_attention_heads": 2}
+IDEFICS3_VISION = {
+    "image_size": 64,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
 IDEFICS3_SCALE_FACTOR = 2
 
 
 def _text_dims(vocab_size: int) -> dict:
-    return {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+    }
 
 
 def idefics3_tokenizer():
     """The shapes-vocabulary BPE with SmolVLM's special tokens and chat template."""
     rows_cols = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
-                "<end_of_utterance>", "<global-img>", *rows_cols]
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<fake_token_around_image>",
+        "<image>",
+        "<end_of_utterance>",
+        "<global-img>",
+        *rows_cols,
+    ]
     return _fast_tokenizer(
-        _train_tokenizer(specials), unk_token="<|endoftext|>", bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>", pad_token="<|im_end|>", model_max_length=1024,
+        _train_tokenizer(specials),
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|im_end|>",
+        model_max_length=1024,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
 
 
 def _build_idefics3(out: Path) -> dict:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
-    from transformers import Idefics3Processor
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
 
     tokenizer = idefics3_tokenizer()
     side = IDEFICS3_VISION["image_size"]
     # One tile = the vision encoder's input; `size` allows a 2x2 split when splitting is switched on.
     image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=False, size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side},
+        do_image_splitting=False,
+        size={"longest_edge": 2 * side},
+        max_image_size={"longest_edge": side},
     )
     image_seq_len = (side // IDEFICS3_VISION["patch_size"]) ** 2 // IDEFICS3_SCALE_FACTOR**2
-    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=image_seq_len,
-                                  chat_template=IDEFICS3_CHAT_TEMPLATE)
+    processor = Idefics3Processor(
+        image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=IDEFICS3_CHAT_TEMPLATE
+    )
     tok = processor.tokenizer  # ids are read after the processor registered its special tokens
     ids = {name: tok.convert_tokens_to_ids(name) for name in ("<|im_start|>", "<end_of_utterance>", "<|im_end|>")}
-    text = {**_text_dims(len(tok)), "bos_token_id": ids["<|im_start|>"],
-            "eos_token_id": ids["<end_of_utterance>"], "pad_token_id": ids["<|im_end|>"]}
+    text = {
+        **_text_dims(len(tok)),
+        "bos_token_id": ids["<|im_start|>"],
+        "eos_token_id": ids["<end_of_utterance>"],
+        "pad_token_id": ids["<|im_end|>"],
+    }
     config = Idefics3Config(
-        text_config={"model_type": "llama", **text}, vision_config=dict(IDEFICS3_VISION),
-        scale_factor=IDEFICS3_SCALE_FACTOR, image_token_id=processor.image_token_id,
+        text_config={"model_type": "llama", **text},
+        vision_config=dict(IDEFICS3_VISION),
+        scale_factor=IDEFICS3_SCALE_FACTOR,
+        image_token_id=processor.image_token_id,
         pad_token_id=ids["<|im_end|>"],
     )
     model = _seeded_model(Idefics3ForConditionalGeneration, config)
@@ -356,9 +583,22 @@ QWEN2VL_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-QWEN2VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2VL_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # 64x64 -> 84x84 -> 6x6 patches -> 9 tokens; anything larger is capped at 112x112 -> 16 tokens.
 QWEN2VL_MIN_PIXELS = 84 * 84
 QWEN2VL_MAX_PIXELS = 112 * 112
@@ -370,25 +610,47 @@ def _build_qwen2_vl(out: Path) -> dict:
     from vizer.qwen2vl_processor import write_processor_config
 
     tokenizer = _fast_tokenizer(
-        _train_tokenizer(QWEN2VL_SPECIALS), eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        model_max_length=1024, chat_template=QWEN2VL_CHAT_TEMPLATE,
+        _train_tokenizer(QWEN2VL_SPECIALS),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=1024,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
     )
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN2VL_SPECIALS}
     image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN2VL_MIN_PIXELS, max_pixels=QWEN2VL_MAX_PIXELS)
-    text = {**_text_dims(len(tokenizer)), "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                                              "mrope_section": [2, 3, 3]},  # sums to head_dim/2
-            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"]}
-    vision = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": text["hidden_size"],
-              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    text = {
+        **_text_dims(len(tokenizer)),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "mrope_section": [2, 3, 3],
+        },  # sums to head_dim/2
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "hidden_size": text["hidden_size"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     config = Qwen2VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
     model = _seeded_model(Qwen2VLForConditionalGeneration, config)
-    _save_generation_config(model, ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]],
-                            ids["<|endoftext|>"])
+    _save_generation_config(
+        model, ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"]
+    )
     model.save_pretrained(out)
     # What Qwen2VLProcessor.save_pretrained writes; it cannot be built here without torchvision.
     tokenizer._set_processor_class("Qwen2VLProcessor")
@@ -396,9 +658,12 @@ def _build_qwen2_vl(out: Path) -> dict:
     (out / "chat_template.jinja").write_text(QWEN2VL_CHAT_TEMPLATE)
     write_processor_config(out, image_processor)
     merge = vision["spatial_merge_size"] ** 2
-    return {"params": _n_params(model), "vocab_size": len(tokenizer),
-            "image_tokens_64px": image_processor.get_number_of_image_patches(64, 64, {}) // merge,
-            "image_tokens_max": QWEN2VL_MAX_PIXELS // (14 * 14) // merge}
+    return {
+        "params": _n_params(model),
+        "vocab_size": len(tokenizer),
+        "image_tokens_64px": image_processor.get_number_of_image_patches(64, 64, {}) // merge,
+        "image_tokens_max": QWEN2VL_MAX_PIXELS // (14 * 14) // merge,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,14 +679,27 @@ def _build_clip(out: Path) -> dict:
     specials = ["<|startoftext|>", "<|endoftext|>", "<|pad|>"]
     # CLIP pools the text at its first EOS, so the tokenizer must append one.
     tokenizer = _fast_tokenizer(
-        _train_tokenizer(specials, lowercase=True), bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>", pad_token="<|pad|>", add_bos_token=True, add_eos_token=True,
+        _train_tokenizer(specials, lowercase=True),
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        add_bos_token=True,
+        add_eos_token=True,
         model_max_length=77,
     )
     ids = [tokenizer.convert_tokens_to_ids(t) for t in specials]
-    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": ids[0],
-            "eos_token_id": ids[1], "pad_token_id": ids[2]}
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "bos_token_id": ids[0],
+        "eos_token_id": ids[1],
+        "pad_token_id": ids[2],
+    }
     vision = {**SCORER_IMAGE, "hidden_size": 64, "intermediate_size": 128}
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
     model = _seeded_model(CLIPModel, config)
@@ -438,13 +716,25 @@ def _build_siglip(out: Path) -> dict:
     specials = ["<pad>", "</s>", "<unk>"]
     # SigLIP pools the last position: pad to max_length; it has no BOS.
     tokenizer = _fast_tokenizer(
-        _train_tokenizer(specials, lowercase=True), eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        add_eos_token=True, model_max_length=64,
+        _train_tokenizer(specials, lowercase=True),
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        add_eos_token=True,
+        model_max_length=64,
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
-    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 64, "bos_token_id": None,
-            "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"]}
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": None,
+        "eos_token_id": ids["</s>"],
+        "pad_token_id": ids["<pad>"],
+    }
     vision = {**SCORER_IMAGE, "hidden_size": 32, "intermediate_size": 64}
     config = SiglipConfig(text_config=text, vision_config=vision)
     model = _seeded_model(SiglipModel, config)
@@ -455,16 +745,18 @@ def _build_siglip(out: Path) -> dict:
     return {"params": _n_params(model), "vocab_size": len(tokenizer), "projection_dim": 32}
 
 
-_BUILDERS = {"idefics3": _build_idefics3, "qwen2_vl": _build_qwen2_vl, "clip": _build_clip,
-             "siglip": _build_siglip}
+_BUILDERS = {"idefics3": _build_idefics3, "qwen2_vl": _build_qwen2_vl, "clip": _build_clip, "siglip": _build_siglip}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vizer.tiny", description="Build tiny random models offline.")
     parser.add_argument("kinds", nargs="+", choices=KINDS, metavar="KIND", help=f"one or more of {', '.join(KINDS)}")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="cache root (default: $VIZER_CACHE or <repo>/.cache/vizer); "
-                             "models go to DIR/tiny/<kind>-" + VERSION)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="cache root (default: $VIZER_CACHE or <repo>/.cache/vizer); models go to DIR/tiny/<kind>-" + VERSION,
+    )
     args = parser.parse_args(argv)
     for kind in args.kinds:
         print(build_tiny(kind, args.out))

@@ -1,0 +1,1 @@
+"""What `make bench` runs: each result is one `name: value` line, ratios measured side by side in one run."""

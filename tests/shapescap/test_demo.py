@@ -1,0 +1,42 @@
+"""The demo's before/after table judges each target from the measured numbers."""
+
+from shapescap.demo import summary_table
+
+
+def seed_result(base: dict, tuned: dict) -> dict:
+    return {"greedy": {"base": base, "tuned": tuned}, "sampled": {"base": base, "tuned": tuned}}
+
+
+def row(table: str, metric: str, decoding: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(f"| {metric} | {decoding} |"))
+
+
+def test_targets_are_met_or_missed_by_the_relative_change():
+    base = {
+        "shapes/object_recall": 0.5,
+        "shapes/hallucination": 0.2,
+        "shapes/duplicate_object": 0.05,
+        "shapes/empty": 0.0,
+    }
+    good = {
+        "shapes/object_recall": 0.7,
+        "shapes/hallucination": 0.1,
+        "shapes/duplicate_object": 0.05,
+        "shapes/empty": 0.0,
+    }
+    weak = {
+        "shapes/object_recall": 0.6,
+        "shapes/hallucination": 0.19,
+        "shapes/duplicate_object": 0.08,
+        "shapes/empty": 0.0,
+    }
+    table = summary_table([seed_result(base, good), seed_result(base, good)])
+    assert "+40%" in row(table, "shapes/object_recall", "greedy") and "met" in row(
+        table, "shapes/object_recall", "greedy"
+    )
+    assert "met" in row(table, "shapes/hallucination", "sampled")
+    assert "MISSED" not in table
+    table = summary_table([seed_result(base, good), seed_result(base, weak)])
+    recall = row(table, "shapes/object_recall", "greedy")
+    assert "0.650 ± 0.071" in recall and "+30%" in recall
+    assert "MISSED" in row(table, "shapes/duplicate_object", "greedy")

@@ -1,0 +1,81 @@
+import json
+import random
+
+import pytest
+
+from shapescap import captioner as sc
+from shapescap.scenes import COLOURS, Scene, ShapeObject, render, shapes_scenes
+
+# A build small enough for the default suite: same code path, a few steps of each stage.
+TINY_BUDGET = dict(
+    n_scenes=48,
+    vision_steps=3,
+    sft_steps=3,
+    vision_batch_size=8,
+    batch_size=8,
+    probe_scenes=24,
+    eval_scenes=4,
+    max_new_tokens=6,
+)
+
+
+def _objects_named(caption: str) -> int:
+    return caption.count(" and ") + caption.count(", ") + 1
+
+
+def test_flawed_captions_drop_objects_and_swap_colours():
+    cfg = sc.CaptionerConfig()
+    rng = random.Random(0)
+    scenes = [s for s in shapes_scenes("sft", 600) if len(s.objects) > 1]
+    captions = [sc.flawed_caption(s, rng, cfg) for s in scenes]
+    only_one = sum(_objects_named(c) == 1 for c in captions) / len(captions)
+    assert abs(only_one - cfg.drop_rate) < 0.08
+    # The first object is always named: its colour word is wrong about colour_noise of the time.
+    wrong = sum(c.split()[2] != s.objects[0].colour for c, s in zip(captions, scenes)) / len(captions)
+    assert abs(wrong - cfg.colour_noise) < 0.08
+    assert all(c.split()[2] in COLOURS for c in captions)
+
+
+def test_token_labels_follow_the_object():
+    scene = Scene((ShapeObject("red", "square", "large", 0.3, 0.3),))
+    labels = sc.token_labels(scene)
+    assert labels.shape == (16, 3)
+    assert labels[1 * 4 + 1].tolist() == [0, 1, 1]  # the cell under the centre: red, square, large
+    assert labels[15].tolist() == [6, 3, 2]  # the far corner is background
+    assert sc.coverage(scene)[0].sum() > 1  # the object spans more than one cell
+
+
+def test_tiny_budget_build_loads_and_captions_with_the_chat_template(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = sc.build_shapes_captioner(tmp_path, **TINY_BUDGET)
+    info = json.loads((folder / sc.MARKER).read_text())
+    assert {"perception", "captions", "build_seconds", "params"} <= info.keys()
+    assert 0.0 <= info["perception"]["shape_accuracy"] <= 1.0
+    assert "object_recall" in info["captions"]["greedy"] and "hallucination" in info["captions"]["sampled"]
+    assert folder.name.startswith("captioner-v1-")  # a non-default recipe never takes the default's place
+
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = render(shapes_scenes("test", 1)[0])
+    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt", do_image_splitting=False)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    assert isinstance(processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True), str)
+
+    assert sc.build_shapes_captioner(tmp_path, **TINY_BUDGET) == folder  # cached
+
+
+@pytest.mark.slow
+def test_full_build_sees_colour_and_shape_and_captions_imperfectly():
+    folder = sc.build_shapes_captioner()
+    report = sc.perception_report(folder)
+    assert report["colour_accuracy"] >= 0.90
+    assert report["shape_accuracy"] >= 0.90
+    captions = json.loads((folder / sc.MARKER).read_text())["captions"]
+    assert 0.2 < captions["greedy"]["object_recall"] < 0.9  # incomplete, not blind
+    assert captions["sampled"]["hallucination"] > 0.1
+    assert captions["greedy"]["empty"] < 0.05

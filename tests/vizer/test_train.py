@@ -1,0 +1,128 @@
+"""GRPO training end to end on tiny models: every shipped recipe, resume, QLoRA."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from vizer.config import load_recipe
+from vizer.train import train
+
+VISION_MARKERS = ("vision", "visual", "connector", "multi_modal_projector", "lm_head")
+LANGUAGE_MARKERS = (".text_model.", ".language_model.")
+
+
+def tiny_overrides(recipe_name: str) -> list[str]:
+    """Swap a recipe's model, data and scorers for tiny local ones; everything else stays as shipped."""
+    recipe = load_recipe(recipe_name)
+    family = "qwen2_vl" if "qwen" in recipe["model"]["id"].lower() else "idefics3"
+    overrides = [
+        f"model.id=tiny:{family}",
+        "plugins=[shapescap]",
+        "data.source=shapes",
+        "data.split=train",
+        "data.limit=8",
+        "data.streaming=false",
+        "grpo.max_steps=2",
+        "grpo.num_generations=4",
+        "grpo.per_device_train_batch_size=8",
+        "grpo.gradient_accumulation_steps=1",
+        "grpo.max_completion_length=8",
+        "grpo.logging_steps=1",
+        "grpo.save_steps=100",
+        "grpo.gradient_checkpointing=false",
+        "grpo.learning_rate=1.0e-3",
+    ]
+    for i, entry in enumerate(recipe["rewards"]):
+        if entry["name"] == "grounding":
+            overrides.append(f"rewards.{i}.model=tiny:clip")
+    if recipe["model"]["dtype"] == "auto":
+        overrides.append("model.dtype=float32")
+    return overrides
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shipped_recipe_trains_on_a_tiny_model_of_its_family(shipped_recipe, tmp_path):
+    recipe = load_recipe(shipped_recipe, tiny_overrides(shipped_recipe))
+    adapter = train(recipe, tmp_path)
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b), "LoRA B starts at zero: training must move it"
+    for key in weights:
+        assert any(m in key for m in LANGUAGE_MARKERS), f"LoRA on a non-language module: {key}"
+        assert not any(m in key for m in VISION_MARKERS), f"LoRA on the vision side: {key}"
+
+    saved = load_recipe(str(tmp_path / "recipe.yaml"))
+    assert saved["model"]["id"] == recipe["model"]["id"] and saved["grpo"]["max_steps"] == 2
+    metrics = read_metrics(tmp_path)
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for entry in recipe["rewards"]:
+        assert f"rewards/{entry.get('id', entry['name'])}/mean" in steps[0]
+    assert list((tmp_path / "completions").glob("*.parquet")), "sampled captions are logged"
+
+
+def test_qlora_4bit_loads_the_language_model_in_4bit():
+    import bitsandbytes as bnb
+
+    from vizer.models import load_model
+
+    recipe = load_recipe("smolvlm-openimages", tiny_overrides("smolvlm-openimages"))
+    assert recipe["model"]["quantization"] == "4bit"
+    model = load_model(recipe["model"]).model
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(".text_model." in n for n in quantized)
+
+
+class InterruptAfterFirstCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_rerun_into_the_same_out_resumes_from_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    overrides = tiny_overrides("tiny-shapes") + ["grpo.max_steps=4", "grpo.save_steps=2"]
+    recipe = load_recipe("tiny-shapes", overrides)
+
+    import vizer.train as runner
+
+    original = runner.GRPOTrainer
+
+    def interrupted(*args, **kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), InterruptAfterFirstCheckpoint()]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "GRPOTrainer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path)
+    assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "adapter").exists()
+    monkeypatch.setattr(runner, "GRPOTrainer", original)
+
+    capsys.readouterr()
+    train(recipe, tmp_path)
+    assert "resuming from" in capsys.readouterr().out
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    steps = [m["step"] for m in read_metrics(tmp_path) if "loss" in m]
+    assert steps == [1, 2, 3, 4], "each step logged once: the re-run continued, it did not start over"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("model.id=no-such-org/no-such-vlm", "'model.id'"),
+        ("rewards.0.model=no-such-org/no-such-clip", "'rewards[0]' (grounding)"),
+    ],
+)
+def test_unreachable_model_is_one_line_naming_the_key(tmp_path, override, culprit):
+    from vizer.config import RecipeError
+
+    with pytest.raises(RecipeError) as err:
+        train(load_recipe("tiny-shapes", [override]), tmp_path)
+    assert str(err.value).startswith(culprit) and "\n" not in str(err.value)
