@@ -21,7 +21,11 @@ import time
 
 import torch
 
+from rewards import build_reward
+from rewards.grounding import GroundingReward
+from shapescap.clip import build_tokenizer
 from shapescap.scenes import describe, render, shapes_scenes
+from vizer.model_ids import resolve_reward_entry
 
 G = 8
 OPENERS = ("a photo of", "an image showing", "a picture of", "there is", "a simple drawing of")
@@ -37,8 +41,6 @@ def vit_b32_scorer():
     """A random CLIP with ViT-B/32's dimensions (CLIPConfig defaults), built in-process: no download."""
     from transformers import CLIPConfig, CLIPModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    from shapescap.clip import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = CLIPConfig(
@@ -72,8 +74,6 @@ def grounding_calls(n_calls: int, images_per_call: int, seed: int = 0) -> list[d
 
 
 def bench_grounding(n_calls: int = 3, images_per_call: int = 4) -> dict[str, float]:
-    from rewards.grounding import GroundingReward
-
     model, tokenizer, processor = vit_b32_scorer()
     shared = GroundingReward(model, tokenizer, processor, cache_size=4096)
     naive = GroundingReward(model, tokenizer, processor, cache_size=0, share_images=False)
@@ -101,9 +101,7 @@ def bench_grounding(n_calls: int = 3, images_per_call: int = 4) -> dict[str, flo
 
 
 def bench_consistency(n_calls: int = 4, groups_per_call: int = 8) -> dict[str, float]:
-    from rewards import build_reward
-
-    reward = build_reward({"name": "consistency"})
+    reward = build_reward(resolve_reward_entry({"name": "consistency"}))
     rng = random.Random(1)
     scenes = shapes_scenes("validation", n_calls * groups_per_call)
     calls = []

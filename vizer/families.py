@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 
 from data.errors import closest
 from vizer.config import RecipeError
+from vizer.qwen2vl_processor import load_qwen2vl_processor
 
 # Leaf names of the language model's linear layers in Llama/Qwen-style decoders.
 DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -68,8 +69,6 @@ def apply_image_options(processor: ProcessorMixin, options: dict, family: Family
 class Qwen2VLFamily(Family):
     def load_processor(self, path: str, options: dict, revision: str | None = None) -> ProcessorMixin:
         # Without torchvision, AutoProcessor silently returns only the tokenizer for Qwen2-VL.
-        from vizer.qwen2vl_processor import load_qwen2vl_processor
-
         processor = load_qwen2vl_processor(path)
         apply_image_options(processor, options, self)
         return processor

@@ -607,7 +607,7 @@ QWEN2VL_MAX_PIXELS = 112 * 112
 def _build_qwen2_vl(out: Path) -> dict:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    from vizer.qwen2vl_processor import write_processor_config
+    from vizer.qwen2vl_processor import write_processor_config  # transformers loads only when a model is built
 
     tokenizer = _fast_tokenizer(
         _train_tokenizer(QWEN2VL_SPECIALS),
