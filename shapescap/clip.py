@@ -42,54 +42,9 @@ WORDS = sorted(
     | set(SIZES)
     | {s + "s" for s in SHAPES}
     | set(
-        [
-            "a",
-            "an",
-            "and",
-            "the",
-            "photo",
-            "depicts",
-            "of",
-            "with",
-            "next",
-            "to",
-            "on",
-            "in",
-            "is",
-            "are",
-            "there",
-            "some",
-            "shapes",
-            "shape",
-            "objects",
-            "object",
-            "picture",
-            "image",
-            "coloured",
-            "colored",
-            "background",
-            "white",
-            "grey",
-            "gray",
-            "one",
-            "two",
-            "three",
-            "left",
-            "right",
-            "top",
-            "bottom",
-            "middle",
-            "center",
-            "centre",
-            "above",
-            "below",
-            "near",
-            "big",
-            "little",
-            "tiny",
-            ",",
-            ".",
-        ]
+        "a an and the photo depicts of with next to on in is are there some shapes shape objects object "
+        "picture image coloured colored background white grey gray one two three left right top bottom "
+        "middle center centre above below near big little tiny , .".split()
     )
 )
 

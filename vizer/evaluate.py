@@ -344,7 +344,10 @@ def gallery_items(items: Sequence[EvalImage], per_image: dict) -> tuple[list[int
     ranked = sorted(order, key=gain)
     half = GALLERY_MAX // 2
     keep = sorted(set(ranked[:half] + ranked[-half:]))
-    return keep, f"gallery.html shows the {len(keep)} images with the largest CLIP-S changes of {len(items)}"
+    return keep, (
+        f"gallery.html shows {len(keep)} of the {len(items)} evaluated images: the {half} largest CLIP-S "
+        f"gains and the {half} largest losses"
+    )
 
 
 def evaluate(
@@ -447,6 +450,8 @@ def evaluate(
         title=f"{run.name}: base vs tuned ({results['dataset']})",
         lower_is_better=source.lower_is_better,
         default_metric="clip_s",
+        total=len(items),
+        subset_note=gallery_note,
     )
     print(results_markdown(results, source.lower_is_better))
     print(f"wrote {out_dir / 'results.json'}, results.md, gallery.html")

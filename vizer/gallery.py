@@ -75,6 +75,7 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;width:100%}td,th{border-top:1px solid #ddd;padding:.5em;vertical-align:top;text-align:left}
 img{max-width:160px;border:1px solid #ccc}.id,.sc,.refs{font-size:.8em;color:#666}
 .cap{margin:0 0 .3em;font-size:1.05em}.delta{font-weight:bold;white-space:nowrap}.up{color:#070}.down{color:#b00}
+.note{background:#fff6d5;padding:.4em .6em;border-radius:4px}
 .controls{margin:1em 0;display:flex;gap:1em;flex-wrap:wrap;align-items:center}
 """
 
@@ -97,13 +98,28 @@ function update(){
   $('shown').textContent=rows.filter(r=>r.style.display!=='none').length;
 }
 for(const id of ['metric','filter','order','search'])$(id).addEventListener('input',update);
+// a link can carry the view: gallery.html#metric=clip_s&filter=worse&order=worst&search=red
+for(const [k,v] of new URLSearchParams(location.hash.slice(1)))if($(k))$(k).value=v;
 update();document.body.dataset.ready='1';
 """
 
 
 def render_gallery(
-    items: Sequence[GalleryItem], *, title: str, lower_is_better: Sequence[str] = (), default_metric: str | None = None
+    items: Sequence[GalleryItem],
+    *,
+    title: str,
+    lower_is_better: Sequence[str] = (),
+    default_metric: str | None = None,
+    total: int | None = None,
+    subset_note: str | None = None,
 ) -> str:
+    """The page; `total` (images evaluated) and `subset_note` (which ones the page holds) say when it is a part."""
+    total = len(items) if total is None else total
+    part = (
+        f"<p class=note>{html.escape(subset_note or f'This page shows {len(items)} of the {total} evaluated images.')}</p>"
+        if total > len(items)
+        else ""
+    )
     keys = [k for k in (items[0].base_scores if items else {}) if k in items[0].tuned_scores]
     default = default_metric if default_metric in keys else (keys[0] if keys else "")
     options = "".join(f"<option{' selected' if k == default else ''}>{html.escape(k)}</option>" for k in keys)
@@ -117,7 +133,7 @@ def render_gallery(
 <label>order <select id=order><option value=best>best change first</option>
 <option value=worst>worst change first</option></select></label>
 <label>text <input id=search type=search placeholder="filter captions"></label>
-<span><span id=shown>{len(items)}</span> of {len(items)} images</span></div>
+<span><span id=shown>{len(items)}</span> of {len(items)} rows shown · {total} images evaluated</span></div>{part}
 <table><thead><tr><th>image</th><th>base</th><th>tuned</th><th>Δ</th></tr></thead>
 <tbody id=rows>{"".join(_row(i) for i in items)}</tbody></table>
 <script>const LOWER={json.dumps(list(lower_is_better))};{SCRIPT}</script></body></html>

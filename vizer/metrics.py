@@ -1,8 +1,9 @@
 """Caption metrics: reference-free text statistics and reference metrics (CIDEr-D, BLEU-4, ROUGE-L).
 
 The reference scorers are pycocoevalcap's own pure-Python classes. Only their PTB tokenizer needs Java,
-so `tokenize` stands in for it: lowercase, contractions split the PTB way, punctuation tokens dropped
-(pycocoevalcap's PUNCTUATIONS list, plus the brackets and quotes PTB rewrites into such tokens).
+so `tokenize` stands in for it: lowercase, contractions split the PTB way, brackets as PTB's -lrb- tokens,
+punctuation dropped (pycocoevalcap's PUNCTUATIONS list). tests/vizer/test_metrics.py checks it against the
+real PTBTokenizer where Java is installed.
 """
 
 from __future__ import annotations
@@ -15,15 +16,22 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
-_DROP = set(PUNCTUATIONS) | set('()[]{}"')
+_DROP = set(PUNCTUATIONS) | set('"')
+# PTB writes brackets as tokens that pycocoevalcap keeps (its punctuation list has them only in upper case).
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _CONTRACTIONS = re.compile(r"(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
-_TOKENS = re.compile(r"n't|'\w+|\w+(?:[-.]\w+)*|\.\.\.|--|[^\w\s]")
+# Kept whole as PTB keeps them: abbreviations with their dots (u.s., p.m., mr.), numbers and hyphenated words
+# (3.5-inch, red-square), words with an inner apostrophe (o'clock). A quote mark is its own (dropped) token.
+_TOKENS = re.compile(
+    r"n't|'(?:s|re|ve|ll|d|m)\b|(?:[a-z]\.){2,}|\b(?:mr|mrs|ms|dr|prof|jr|sr|st|vs)\.|\w+(?:[-.']\w+)*|\.\.\.|--|[^\w\s]"
+)
 
 
 def tokenize(text: str) -> list[str]:
-    """'A dog's ball, (red).' -> ['a', 'dog', "'s", 'ball', 'red']."""
+    """PTB tokenisation as pycocoevalcap runs it (Stanford PTBTokenizer, lower-cased, punctuation dropped),
+    without Java: 'A dog's ball, (red).' -> ['a', 'dog', "'s", 'ball', '-lrb-', 'red', '-rrb-']."""
     text = _CONTRACTIONS.sub(r"\1 \2", text.lower().replace("\n", " "))
-    return [t for t in _TOKENS.findall(text) if t not in _DROP]
+    return [_BRACKETS.get(t, t) for t in _TOKENS.findall(text) if t not in _DROP]
 
 
 def tokenized(text: str) -> str:

@@ -1,6 +1,7 @@
 """Reference metrics (CIDEr-D, BLEU-4, ROUGE-L) and text statistics."""
 
 import math
+import shutil
 
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
@@ -18,9 +19,40 @@ REFS = {
 }
 
 
-def test_tokenizer_lowercases_and_drops_punctuation_like_ptb():
-    assert tokenize("A dog's ball, (red).") == ["a", "dog", "'s", "ball", "red"]
-    assert tokenize("Don't stop -- it's a T-shirt!") == ["do", "n't", "stop", "it", "'s", "a", "t-shirt"]
+# What pycocoevalcap's PTBTokenizer (Stanford CoreNLP 3.4.1, run here with Java 17) returns for these captions.
+PTB = {
+    "A man's dog, running (fast) across the field.": "a man 's dog running -lrb- fast -rrb- across the field",
+    "Don't you SEE the two red-squares?": "do n't you see the two red-squares",
+    'It\'s a "big" cat; it\'s sleeping...': "it 's a big cat it 's sleeping",
+    "Two kids can't play -- they're tired!": "two kids ca n't play they 're tired",
+    "A 3.5-inch screen & a U.S. flag.": "a 3.5-inch screen & a u.s. flag",
+    "The dog's owner isn't here: he'd left at 5 p.m.": "the dog 's owner is n't here he 'd left at 5 p.m.",
+    "Cats' toys [new] and {old}": "cats toys -lsb- new -rsb- and -lcb- old -rcb-",
+    "I'm sure we'll go, won't we?": "i 'm sure we 'll go wo n't we",
+    "A sign reads 'STOP' at the corner.": "a sign reads stop at the corner",
+    "Mr. Smith's car is 4x4": "mr. smith 's car is 4x4",
+    "e.g. a tree, i.e. an oak": "e.g. a tree i.e. an oak",
+    "A  dog\nand a cat": "a dog and a cat",
+    "The 'red' ball's color": "the red ball 's color",
+    "3 o'clock; 50% off!": "3 o'clock 50 % off",
+}
+# The one difference left: PTB splits rock'n'roll into "rock 'n' roll"; ours keeps "rock'n'roll".
+
+
+@pytest.mark.parametrize("text", list(PTB))
+def test_tokenizer_matches_pycocoevalcaps_ptb_tokenizer(text):
+    assert tokenized(text) == PTB[text]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the real PTBTokenizer needs Java")
+def test_recorded_ptb_outputs_are_what_the_real_tokenizer_says():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    out = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(PTB)})
+    assert [out[i][0] for i in range(len(PTB))] == list(PTB.values())
+
+
+def test_tokenizer_edge_cases():
     assert tokenize("  ") == [] and tokenized("Hello,   World!") == "hello world"
 
 
@@ -70,6 +102,20 @@ def test_agrees_with_pycocoevalcap_on_the_same_tokenised_input():
         "rouge_l": pytest.approx(rouge),
     }
     assert [each[k]["cider_d"] for k in gts] == pytest.approx(list(cider_each))
+
+
+def test_per_image_scores_stay_with_their_image():
+    # ids that sort differently as strings and as numbers; one wrong caption; one image without references
+    ids = ["img2", "img10", "img1", "img33"]
+    refs = {i: REFS[k] for i, k in zip(ids, "abcd")}
+    candidates = {i: refs[i][0] for i in ids}
+    candidates["img10"] = "a plate of pasta with tomato sauce on a wooden table"  # img33's text, not its own
+    candidates["norefs"] = "a large red circle on the left and a small blue square"
+    _, each = reference_scores(candidates, {**refs, "norefs": []})
+    assert set(each) == set(ids)
+    assert each["img10"]["cider_d"] < 0.5 and each["img10"]["bleu_4"] < 0.1
+    for i in ("img2", "img1", "img33"):
+        assert each[i]["cider_d"] > 5 and each[i]["bleu_4"] == pytest.approx(1.0, abs=1e-6), i
 
 
 def test_only_keys_with_references_are_scored():
