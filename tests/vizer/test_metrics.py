@@ -23,7 +23,7 @@ REFS = {
 PTB = {
     "A man's dog, running (fast) across the field.": "a man 's dog running -lrb- fast -rrb- across the field",
     "Don't you SEE the two red-squares?": "do n't you see the two red-squares",
-    'It\'s a "big" cat; it\'s sleeping...': "it 's a big cat it 's sleeping",
+    "It's a \"big\" cat; it's sleeping...": "it 's a big cat it 's sleeping",
     "Two kids can't play -- they're tired!": "two kids ca n't play they 're tired",
     "A 3.5-inch screen & a U.S. flag.": "a 3.5-inch screen & a u.s. flag",
     "The dog's owner isn't here: he'd left at 5 p.m.": "the dog 's owner is n't here he 'd left at 5 p.m.",
