@@ -10,6 +10,8 @@ from typing import Any
 
 from PIL import Image
 
+from data.errors import ConfigError
+
 
 # ---------------------------------------------------------------------------------------------- text
 def completion_text(completion: Any) -> str | None:
@@ -51,7 +53,7 @@ def image_key(image: Any, image_id: Any = None) -> Hashable:
     """A cache key for an image: its id when the data has one, else a hash of its pixels."""
     if image_id is not None:
         size = getattr(image, "size", None)
-        return ("id", str(image_id), size)  # the size guards against two datasets reusing ids
+        return ("id", type(image_id).__name__, str(image_id), size)  # size: two datasets may reuse ids
     if isinstance(image, Image.Image):
         h = hashlib.blake2b(image.tobytes(), digest_size=16)
         h.update(f"{image.mode}{image.size}".encode())
@@ -105,8 +107,13 @@ def group_ids(n: int, kwargs: dict, column: str = "image_id") -> list[Hashable]:
     completions of one prompt are not guaranteed to be neighbours, so grouping never relies on position.
     """
     ids = kwargs.get(column)
-    if ids is not None and len(ids) == n and all(i is not None for i in ids):
-        return [("id", str(i)) for i in ids]
+    if ids is not None:
+        if len(ids) != n:
+            raise ConfigError(f"reward grouping: column '{column}' has {len(ids)} entries for {n} completions")
+        missing = sum(i is None for i in ids)
+        if missing:  # one None would silently merge unrelated captions into one group
+            raise ConfigError(f"reward grouping: column '{column}' is missing for {missing} of {n} completions")
+        return [("id", type(i).__name__, str(i)) for i in ids]  # 1 and "1" stay different groups
     images = kwargs.get("image") if kwargs.get("image") is not None else kwargs.get("images")
     if images is not None and len(images) == n:
         return [image_key(im[0] if isinstance(im, list) and im else im) for im in images]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from collections import Counter
 from typing import Any
 
@@ -29,7 +30,7 @@ STOPWORDS = frozenset(
     back left right top bottom middle center centre side corner upper lower is are was were be been being
     has have had there here this that these those it its they them their he she his her we you i which who
     whose where while when what some any each every other another one also just very then than both all
-    it's there's photo picture image shows showing depicts depicting""".split()
+    it's there's photo picture image shows showing depicts depicting more second third extra additional further""".split()
 )
 
 TEMPLATE_LEFTOVERS = re.compile(
@@ -41,15 +42,31 @@ TEMPLATE_LEFTOVERS = re.compile(
 )
 
 
+# Spellings that hide a repeat from plain string matching: zero-width characters, hyphens between words,
+# letters from other scripts that look Latin ("а" is Cyrillic). NFKC folds full-width and compatibility forms.
+_INVISIBLE = {**dict.fromkeys(map(ord, "\u00ad\u200c\u200d\u2060\ufeff"), None), ord("\u200b"): " "}
+_HYPHENS = re.compile(r"(?<=[^\W\d_])[-\u2010\u2011\u2012\u2013\u2014\u2212](?=[^\W\d_])")
+_LOOKALIKES = str.maketrans(
+    "аеорсухіјѕԁԛԝАВЕКМНОРСТХІЈЅαοτνικυΑΒΕΗΙΚΜΝΟΡΤΧΥΖ",
+    "aeopcyxijsdqwABEKMHOPCTXIJSaotvikuABEHIKMNOPTXYZ",
+)
+
+
+def normalise(text: str) -> str:
+    """The text as a reader sees it: look-alike letters, zero-width characters and word hyphens undone."""
+    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).translate(_LOOKALIKES)
+    return _HYPHENS.sub(" ", text)
+
+
 def words(text: str) -> list[str]:
-    return [w.lower() for w in WORD.findall(text)]
+    return [w.lower() for w in WORD.findall(normalise(text))]
 
 
 def phrases(text: str, stopwords: frozenset[str] = STOPWORDS) -> list[tuple[str, ...]]:
     """Runs of content words between function words and punctuation: "a large red circle next to a
     small square" -> [("large", "red", "circle"), ("small", "square")]."""
     chunks, current = [], []
-    for token in (t.lower() for t in TOKEN.findall(text)):
+    for token in (t.lower() for t in TOKEN.findall(normalise(text))):
         if token in stopwords or not token[0].isalnum():
             if current:
                 chunks.append(tuple(current))
@@ -115,11 +132,24 @@ class RepetitionReward(Reward):
     __name__ = "repetition"
     floor = -1.0
 
-    def __init__(self, ngram: int = 3, phrase_penalty: float = 1.0, stopwords: frozenset[str] = STOPWORDS) -> None:
-        if ngram < 1 or phrase_penalty < 0:
-            raise ValueError(f"repetition: need ngram >= 1 and phrase_penalty >= 0, got {ngram}, {phrase_penalty}")
+    def __init__(
+        self,
+        ngram: int = 3,
+        phrase_penalty: float = 1.0,
+        stopwords: frozenset[str] = STOPWORDS,
+        max_penalty: float = 3.0,
+    ) -> None:
+        if ngram < 1 or phrase_penalty < 0 or max_penalty <= 0:
+            raise ValueError(
+                f"repetition: need ngram >= 1, phrase_penalty >= 0 and max_penalty > 0, "
+                f"got {ngram}, {phrase_penalty}, {max_penalty}"
+            )
         self.ngram_penalty = get_repetition_penalty_reward(ngram_size=ngram, max_penalty=-1.0)
         self.phrase_penalty, self.stopwords = float(phrase_penalty), stopwords
+        # Bounded like every other plugin: one degenerate sample ("a red square" x 20) must not stretch its
+        # group's reward spread so far that the other samples' advantages all look alike. Empty text gets
+        # the worst value too, so it never out-scores a repetitive caption.
+        self.floor = -float(max_penalty)
 
     def score(self, texts: list[str | None], **kwargs: Any) -> list[float]:
         tokens = [words(t) if t is not None else [] for t in texts]
@@ -127,7 +157,9 @@ class RepetitionReward(Reward):
         ids = [[vocab.setdefault(w, len(vocab)) for w in ts] for ts in tokens]
         ngram = self.ngram_penalty(completion_ids=ids)  # -(1 - distinct/total word n-grams)
         return [
-            g - self.phrase_penalty * repeated_phrases(t, self.stopwords) if t is not None else self.floor
+            max(self.floor, g - self.phrase_penalty * repeated_phrases(t, self.stopwords))
+            if t is not None
+            else self.floor
             for g, t in zip(ngram, texts)
         ]
 
@@ -186,16 +218,19 @@ def length(min_words: int = 4, max_words: int = 40) -> LengthReward:
 
 
 def repetition(
-    ngram: int = 3, phrase_penalty: float = 1.0, extra_stopwords: list[str] | None = None
+    ngram: int = 3, phrase_penalty: float = 1.0, extra_stopwords: list[str] | None = None, max_penalty: float = 3.0
 ) -> RepetitionReward:
-    """-(1 - distinct/total word n-grams) - phrase_penalty * (number of repeated content phrases).
+    """-(1 - distinct/total word n-grams) - phrase_penalty * (number of repeated content phrases), at least
+    -max_penalty.
 
     Args:
         ngram: n-gram size of the distinct-n-gram term.
         phrase_penalty: penalty per repeated content phrase (a repeated object, a run-on, a doubled word).
         extra_stopwords: words that never make a content phrase (beside articles, prepositions, ...).
+        max_penalty: the bound (and the value of an empty caption).
     """
-    return RepetitionReward(ngram, phrase_penalty, STOPWORDS | frozenset(w.lower() for w in extra_stopwords or ()))
+    stopwords = STOPWORDS | frozenset(w.lower() for w in extra_stopwords or ())
+    return RepetitionReward(ngram, phrase_penalty, stopwords, max_penalty)
 
 
 def degenerate(

@@ -98,3 +98,19 @@ def test_groups_from_image_content_without_an_id_column(consistency):
     by_image = consistency(completions=captions, image=[red, blue, red.copy(), blue.copy()])
     by_id = run(consistency, captions, ["r", "b", "r", "b"])
     assert by_image == pytest.approx(by_id, abs=1e-5)
+
+
+def test_a_missing_id_is_refused_not_merged_into_one_group(consistency):
+    from data.errors import ConfigError
+
+    ids = ["dog", "dog", None, "kitchen", "kitchen"]
+    with pytest.raises(ConfigError, match=r"column 'image_id' is missing for 1 of 5 completions"):
+        run(consistency, [*PARAPHRASES[:3], *KITCHEN[:2]], ids)
+
+
+def test_ids_keep_their_type(consistency):
+    # integer 1 and string "1" are two images: each caption here is alone in its group (reward 0, no peer)
+    scores = run(consistency, [PARAPHRASES[0], PARAPHRASES[1]], [1, "1"])
+    assert scores == [0.0, 0.0]
+    merged = run(consistency, [PARAPHRASES[0], PARAPHRASES[1]], ["1", "1"])
+    assert merged[0] > 0.3

@@ -143,6 +143,39 @@ def test_batching_and_cache_do_not_change_scores(clip_s):
     assert a == pytest.approx(c, abs=1e-5) and naive.image_encodes == len(images)
 
 
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_mixed_cached_and_fresh_images_each_get_their_own_embedding(with_ids):
+    """Cache hits and fresh encodes, in shuffled order, score exactly as a reward with no cache at all."""
+    import random
+
+    cached = build_reward(resolve_reward_entry({"name": "grounding", "model": "tiny:shapes-clip"}))
+    # the reference encodes every completion's own image, in order: no sharing, no cache, no row mapping
+    uncached = type(cached)(cached.model, cached.tokenizer, cached.image_processor, share_images=False)
+    scenes = shapes_scenes("test", 8)
+    images = [render(s) for s in scenes]
+    texts = [caption(s.objects) for s in scenes]
+    ids = [f"img{k}" for k in range(8)]
+    call(
+        cached,
+        [texts[k] for k in (1, 3, 5)],
+        [images[k] for k in (1, 3, 5)],
+        [ids[k] for k in (1, 3, 5)] if with_ids else None,
+    )
+    assert cached.image_encodes == 3
+    rng = random.Random(0)
+    rows = [k for k in range(8) for _ in range(2)]  # every image twice (G=2), old and new mixed
+    rng.shuffle(rows)
+    # each caption is scored against every image: a row that borrowed a neighbour's embedding would show
+    for shift in (0, 1):
+        captions = [texts[(k + shift) % 8] for k in rows]
+        row_ids = [ids[k] for k in rows] if with_ids else None
+        got, _ = call(cached, captions, [images[k].copy() for k in rows], row_ids)
+        want, _ = call(uncached, captions, [images[k].copy() for k in rows], row_ids)
+        assert got == pytest.approx(want, abs=1e-5)
+    assert cached.image_encodes == 3 + 5, "the 3 images seen before came from the cache, the 5 new ones once each"
+    assert uncached.image_encodes == 32  # every completion's image, both calls
+
+
 def test_long_text_is_truncated_not_crashed(clip_s):
     image = render(shapes_scenes("test", 1)[0])
     long = " ".join(["a red circle and a blue square"] * 60)

@@ -52,12 +52,39 @@ def test_length_window_is_soft():
         ("a square and a square", "a square"),
         ("a cat on the the sofa", "a cat on the sofa"),
         ("a red square red square red square", "a red square red square"),  # more repetition costs more
+        # spelled to slip past string matching: the guard reads what a person reads
+        ("a red square and one more red square", "a red square and a blue circle"),
+        ("a red square and a second red square", "a red square and a blue circle"),
+        ("a red-square and a red-square", "a red-square"),
+        ("a red square and a red\u200bsquare", "a red square"),
+        ("a red square and a r\u0435d square", "a red square"),  # Cyrillic е
+        ("a red square and a ｒｅｄ square", "a red square"),  # full-width letters
     ],
 )
 def test_repetition_penalises_repeated_content_phrases(hacked, clean):
     f = build_reward({"name": "repetition"})
     (h, c), _ = call(f, [hacked, clean])
     assert h <= c - 0.9, (h, c)
+
+
+def test_repetition_is_bounded_so_one_degenerate_sample_cannot_flatten_its_group():
+    f = build_reward({"name": "repetition"})
+    group = [
+        "a red square",
+        "a red square and a blue circle",
+        "a red square and a red square",
+        "a blue circle and a blue circle and a blue circle",
+        " ".join(["a red square"] * 20),
+    ]
+    scores, _ = call(f, group)
+    assert min(scores) == -3.0 and scores[-1] == -3.0
+    assert scores[0] == scores[1] == 0.0 and -3.0 < scores[2] < scores[1]
+    # GRPO's group-normalised advantages: the honest captions stay clearly apart from the one repeat
+    mean = sum(scores) / len(scores)
+    std = (sum((x - mean) ** 2 for x in scores) / (len(scores) - 1)) ** 0.5
+    advantages = [(x - mean) / std for x in scores]
+    assert advantages[1] - advantages[2] > 0.5, advantages
+    assert f(completions=[""])[0] == -3.0  # an empty caption never out-scores a repetitive one
 
 
 def test_distinct_ngram_term():
@@ -124,13 +151,13 @@ def test_degenerate_uses_the_prompt_of_the_call():
     assert out == [-1.0, 0.0]
 
 
-@pytest.mark.parametrize("name", ["length", "repetition", "degenerate"])
-def test_empty_and_non_string_completions_score_the_floor(name):
+@pytest.mark.parametrize(("name", "floor"), [("length", -1.0), ("repetition", -3.0), ("degenerate", -1.0)])
+def test_empty_and_non_string_completions_score_the_floor(name, floor):
     f = build_reward({"name": name})
     completions = [[{"role": "assistant", "content": c}] for c in ["", "   \n\t", None, 42]]
     completions += ["", "a plain string completion is fine too", {"content": None}]
     out = f(completions=completions)
-    assert out[:4] == [-1.0] * 4 and out[4] == -1.0 and out[6] == -1.0
+    assert out[:4] == [floor] * 4 and out[4] == floor and out[6] == floor
     assert math.isfinite(out[5])
     assert f(completions=[]) == []
 
