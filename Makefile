@@ -14,12 +14,13 @@ RUN        ?= outputs/$(RECIPE)
 ADAPTER    ?= $(RUN)/adapter
 IMAGES     ?=
 
-.PHONY: help venv lint test test-all train eval caption check bench demo clean
+.PHONY: help venv lint test test-all train mapper eval caption check bench demo clean
 
 help:
 	@echo "make test                              lint, then the offline test suite (CPU)"
 	@echo "make lint                              ruff check + ruff format --check"
 	@echo "make train RECIPE=<name> [OUT=dir] [ARGS='key.sub=value ...']"
+	@echo "make mapper RECIPE=<name> [OUT=dir]    ViZer stage A: OUT/mapper (make train runs it first when needed)"
 	@echo "make eval RUN=<dir> [ARGS=...]          base vs tuned captions: RUN/eval/results.{json,md}, gallery.html"
 	@echo "make caption ADAPTER=<dir> IMAGES=<folder>   captions.jsonl for a folder of images"
 	@echo "make check RECIPE=<name> [ARGS=...]    validate a recipe without loading models"
@@ -56,6 +57,9 @@ eval: venv
 
 caption: venv
 	$(PY) -m vizer caption --adapter $(ADAPTER) --images $(IMAGES) $(ARGS)
+
+mapper: venv
+	$(PY) -m vizer mapper $(RECIPE) --out $(OUT) $(ARGS)
 
 check: venv
 	$(PY) -m vizer check $(RECIPE) $(ARGS)

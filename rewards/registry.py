@@ -25,9 +25,12 @@ BUILTINS: dict[str, str] = {
     "length": "rewards.guards:length",
     "repetition": "rewards.guards:repetition",
     "degenerate": "rewards.guards:degenerate",
+    "latent": "rewards.latent:latent",
 }
 RESERVED = ("name", "weight", "id")
-INJECTED = ("device", "prompt")  # filled in by build_reward when the factory takes them
+# Filled in by the runner when the factory takes them and the entry does not set them: the training device, the
+# recipe's prompt, the run's trained mapper folder and the recipe's image-processor options (model.processor).
+INJECTED = ("device", "prompt", "mapper", "image_options")
 
 
 class RewardConfigError(ConfigError):
@@ -174,15 +177,21 @@ class AsyncNamedReward(NamedReward):
         return await self.func(*args, **kwargs)
 
 
-def build_reward(entry: dict, *, device: str = "cpu", prompt: str = "") -> Callable:
-    """Validate the entry, call its factory with the options (and device/prompt if it takes them)."""
+def build_reward(entry: dict, *, device: str = "cpu", prompt: str = "", **context: Any) -> Callable:
+    """Validate the entry, call its factory with the options, plus whatever of device, prompt and the runner's
+    `context` (see INJECTED) the factory takes and the entry does not set."""
     validate_reward_entry(entry, None)
     factory = resolve_factory(entry["name"])
     params = inspect.signature(factory).parameters
     options = {k: v for k, v in entry.items() if k not in RESERVED}
-    for key, value in (("device", device), ("prompt", prompt)):
-        if key in params and key not in options:
+    for key, value in {"device": device, "prompt": prompt, **context}.items():
+        if key in params and key not in options and value is not None:
             options[key] = value
+    if "mapper" in params and "mapper" not in options and params["mapper"].default is inspect.Parameter.empty:
+        raise RewardConfigError(
+            f"{_where(entry, None)}: needs a trained mapper: set 'mapper' or give the recipe "
+            "a mapper_data section (make mapper)"
+        )
     func = factory(**options)
     if not callable(func):
         raise RewardConfigError(f"{_where(entry, None)}: the factory returned {type(func).__name__}, not a callable")

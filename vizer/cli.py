@@ -19,11 +19,25 @@ def _train(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
-    from vizer.train import grpo_args  # heavy imports only after the recipe is known to be valid
+    from vizer.train import training_args  # heavy imports only after the recipe is known to be valid
 
     with tempfile.TemporaryDirectory() as out:  # builds the trainer's config as `make train` would, writes nothing
-        grpo_args(recipe, Path(out))
+        training_args(recipe, Path(out))
     print(f"{args.recipe}: ok ({recipe['model']['id']}, {len(recipe['rewards'])} rewards)")
+
+
+def _mapper(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe["mapper_data"] is None:
+        raise RecipeError(f"{args.recipe}: no mapper_data section (the images the mapper learns from)")
+    from vizer.mapper import mapper_dir, train_recipe_mapper  # heavy imports only for the command that runs
+
+    out = Path(args.out or f"outputs/{recipe['name']}")
+    folder = mapper_dir(recipe, out)
+    if (folder / "mapper.json").is_file():
+        print(f"mapper: {folder} is already trained (delete it to train again)")
+        return
+    train_recipe_mapper(recipe, folder)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -48,6 +62,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default outputs/<recipe>); re-running into it resumes")
     t.add_argument("overrides", nargs="*", help="recipe overrides, e.g. grpo.max_steps=2 data.limit=8")
     t.set_defaults(func=_train)
+    m = sub.add_parser("mapper", help="ViZer stage A: train the mapper of a recipe into OUT/mapper")
+    m.add_argument("recipe")
+    m.add_argument("--out", help="run directory (default outputs/<recipe>)")
+    m.add_argument("overrides", nargs="*")
+    m.set_defaults(func=_mapper)
     c = sub.add_parser("check", help="validate a recipe without loading any model")
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")

@@ -72,13 +72,38 @@ EVAL_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "num_samples": ((int,), 1),  # captions per image when sampling
     "seed": ((int,), 0),
 }
+# Stage A of ViZer: the mapper from caption latents to image features (objective vizer, or the latent reward).
+MAPPER_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "variant": ((str,), "G"),  # G: the VLM's own captions (zero-label) | GT: the captions of mapper_data
+    "path": ((str,), None),  # a trained mapper folder to reuse instead of training one
+    "pairs_per_image": ((int,), 2),  # G: captions sampled per image
+    "temperature": (_NUM, 1.0),  # G: sampling temperature
+    "max_new_tokens": ((int,), 32),
+    "width": ((int,), 256),
+    "epochs": ((int,), 30),
+    "lr": (_NUM, 1.0e-3),
+    "batch_size": ((int,), 64),
+    "heldout_fraction": (_NUM, 0.1),
+    "seed": ((int,), 0),
+}
+# Stage B of ViZer: its own knobs; every other key is a transformers.TrainingArguments field.
+VIZER_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "kl_beta": (_NUM, 0.0),  # KL(policy || base) on the caption tokens; the paper uses none
+    "do_sample": ((bool,), True),  # sample the caption to align (else greedy)
+    "temperature": (_NUM, 1.0),
+    "max_new_tokens": ((int,), 48),
+}
 TOP_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "plugins": ((list,), []),  # modules imported first; they register data sources and local models
+    "objective": ((str,), "grpo"),  # grpo | vizer
+    "mapper": ((dict,), {}),
+    "mapper_data": ((dict,), None),
+    "vizer": ((dict,), {}),
     "model": ((dict,), REQUIRED),
     "prompt": ((str,), "Describe this image."),
     "data": ((dict,), REQUIRED),
     "eval_data": ((dict,), None),
-    "rewards": ((list,), REQUIRED),
+    "rewards": ((list,), []),  # required for objective grpo
     "grpo": ((dict,), {}),
     "eval": ((dict,), {}),
     "description": ((str,), None),
@@ -88,9 +113,11 @@ CHOICES = {
     "model.quantization": ("none", "4bit", "8bit"),
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.family": ("auto", "idefics3", "qwen2_vl", "generic"),
+    "objective": ("grpo", "vizer"),
+    "mapper.variant": ("G", "GT"),
 }
-# GRPOConfig fields that the runner owns: set them in the recipe's own sections instead.
-GRPO_RESERVED = {"output_dir": "OUT", "reward_weights": "rewards[].weight"}
+# Trainer config fields that the runner owns: set them in the recipe's own sections instead.
+RUNNER_OWNED = {"output_dir": "OUT", "reward_weights": "rewards[].weight"}
 
 
 def _type_name(types: tuple) -> str:
@@ -140,31 +167,36 @@ def _maybe_float(value: str, key: str) -> float | str:
         return value
 
 
-def _grpo_fields() -> dict[str, dataclasses.Field]:
-    from trl import GRPOConfig
-
-    return {f.name: f for f in dataclasses.fields(GRPOConfig) if f.init}
+def _config_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
-def _check_grpo(grpo: dict) -> dict:
-    fields = _grpo_fields()
-    out = {}
-    for key, value in grpo.items():
-        if key in GRPO_RESERVED:
-            raise RecipeError(f"'grpo.{key}' is set by the runner; use {GRPO_RESERVED[key]} instead")
+def _check_fields(section: dict, cls: type, where: str, own: dict | None = None) -> dict:
+    """A section passed to a trainer config class as is: every key a field of `cls` (or one of `own`), of the
+    field's type. The config object itself is built (and checked further) by `vizer.train.training_args`."""
+    fields, own = _config_fields(cls), own or {}
+    out = _check_section({k: v for k, v in section.items() if k in own}, own, f"{where}.") if own else {}
+    for key, value in section.items():
+        if key in own:
+            continue
+        if key in RUNNER_OWNED:
+            raise RecipeError(f"'{where}.{key}' is set by the runner; use {RUNNER_OWNED[key]} instead")
         if key not in fields:
-            raise RecipeError(f"unknown key 'grpo.{key}'{closest(key, fields)} (not a trl.GRPOConfig field)")
+            raise RecipeError(
+                f"unknown key '{where}.{key}'{closest(key, [*fields, *own])} (not a {cls.__module__.split('.')[0]}."
+                f"{cls.__name__} field)"
+            )
         default = fields[key].default
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise RecipeError(f"'grpo.{key}' expects true/false, got {value!r}")
+                raise RecipeError(f"'{where}.{key}' expects true/false, got {value!r}")
         elif isinstance(default, float) and not isinstance(value, bool):
             value = _maybe_float(value, key) if isinstance(value, str) else value
             if not isinstance(value, _NUM):
-                raise RecipeError(f"'grpo.{key}' expects a number, got {value!r}")
+                raise RecipeError(f"'{where}.{key}' expects a number, got {value!r}")
         elif isinstance(default, int) and not isinstance(value, bool):
             if not isinstance(value, int):
-                raise RecipeError(f"'grpo.{key}' expects an integer, got {value!r}")
+                raise RecipeError(f"'{where}.{key}' expects an integer, got {value!r}")
         out[key] = value
     return out
 
@@ -205,6 +237,30 @@ def _default_of_another_source(key: str, value: Any, source: str) -> bool:
     )
 
 
+def needs_mapper(recipe: dict) -> bool:
+    """Whether the run trains or loads a ViZer mapper (objective vizer, or a latent reward without its own)."""
+    return recipe["objective"] == "vizer" or any(e["name"] == "latent" and "mapper" not in e for e in recipe["rewards"])
+
+
+def _check_latent(recipe: dict) -> None:
+    recipe["mapper"] = _check_section(recipe["mapper"], MAPPER_SCHEMA, "mapper.")
+    mapper, data = recipe["mapper"], recipe["mapper_data"]
+    if mapper["path"] is not None and not (Path(mapper["path"]).expanduser() / "mapper.json").is_file():
+        raise RecipeError(f"'mapper.path': no trained mapper (mapper.json) in {mapper['path']}")
+    if data is not None:
+        recipe["mapper_data"] = data = check_data(data, "mapper_data.")
+    if not needs_mapper(recipe) or mapper["path"] is not None:
+        return
+    if data is None:
+        why = "objective vizer" if recipe["objective"] == "vizer" else "the latent reward"
+        raise RecipeError(
+            f"'mapper_data' is required for {why} (the images, and for GT the captions, the mapper "
+            "learns from), or set mapper.path to a trained mapper"
+        )
+    if mapper["variant"] == "GT" and data["source"] == "hub" and not data["captions_column"]:
+        raise RecipeError("'mapper_data.captions_column' is required for mapper.variant GT (human captions)")
+
+
 def import_plugins(plugins: list) -> None:
     """Import the recipe's plugin modules (they register data sources and `tiny:` models)."""
     for i, name in enumerate(plugins):
@@ -231,16 +287,23 @@ def validate(raw: dict) -> dict:
     recipe["data"] = check_data(recipe["data"], "data.")
     if recipe["eval_data"] is not None:
         recipe["eval_data"] = check_data(recipe["eval_data"], "eval_data.")
-    recipe["grpo"] = _check_grpo(recipe["grpo"])
+    from transformers import TrainingArguments  # heavy: imported once the cheap checks passed
+    from trl import GRPOConfig
+
+    recipe["grpo"] = _check_fields(recipe["grpo"], GRPOConfig, "grpo")
+    recipe["vizer"] = _check_fields(recipe["vizer"], TrainingArguments, "vizer", own=VIZER_SCHEMA)
     recipe["eval"] = _check_section(recipe["eval"], EVAL_SCHEMA, "eval.")
-    if recipe["data"]["streaming"] and "max_steps" not in recipe["grpo"]:
-        raise RecipeError("'grpo.max_steps' is required when data.streaming is true (a stream has no length)")
-    if not recipe["rewards"]:
-        raise RecipeError("'rewards' must list at least one reward plugin")
+    steps = recipe["vizer"] if recipe["objective"] == "vizer" else recipe["grpo"]
+    if recipe["data"]["streaming"] and "max_steps" not in steps:
+        section = "vizer" if recipe["objective"] == "vizer" else "grpo"
+        raise RecipeError(f"'{section}.max_steps' is required when data.streaming is true (a stream has no length)")
+    if not recipe["rewards"] and recipe["objective"] == "grpo":
+        raise RecipeError("'rewards' must list at least one reward plugin (objective grpo)")
     for i, entry in enumerate(recipe["rewards"]):
         validate_reward_entry(entry, i)
         if isinstance(entry.get("model"), str):
             check_model_id(entry["model"], f"rewards[{i}].model")
+    _check_latent(recipe)
     for key in ("scorer", "judge"):
         if recipe["eval"][key]:
             check_model_id(recipe["eval"][key], f"eval.{key}")

@@ -30,8 +30,9 @@ from vizer.caption import Decoding, generate_captions
 from vizer.config import DATA_SCHEMA, RecipeError, load_recipe
 from vizer.gallery import GalleryItem, thumbnail_data_uri, write_gallery
 from vizer.metrics import clip_scores, reference_scores, text_stats
-from vizer.model_ids import resolve_model_id, resolve_reward_entry
+from vizer.model_ids import resolve_model_id
 from vizer.models import load_with_adapter
+from vizer.recipe_rewards import build_rewards
 
 MODELS = ("base", "tuned")
 GALLERY_MAX = 400  # beyond this, the gallery keeps the largest changes both ways (the page stays light)
@@ -166,12 +167,10 @@ def model_captions(
 # ---------------------------------------------------------------------------------------------
 
 
-def build_scorers(recipe: dict, device: str) -> tuple[dict, dict]:
+def build_scorers(recipe: dict, device: str, run: Path) -> tuple[dict, dict]:
     """The training reward plugins by metric name, and CLIP-S scorers by metric suffix ("" and "_judge")."""
-    rewards = {
-        f"reward/{reward_name(e)}": build_reward(resolve_reward_entry(e), device=device, prompt=recipe["prompt"])
-        for e in recipe["rewards"]
-    }
+    funcs = build_rewards(recipe, device, run)
+    rewards = {f"reward/{reward_name(e)}": f for e, f in zip(recipe["rewards"], funcs, strict=True)}
     judges = {"": recipe["eval"]["scorer"], "_judge": recipe["eval"]["judge"]}
     scorers = {
         suffix: build_reward({"name": "grounding", "model": resolve_model_id(model_id)}, device=device)
@@ -404,7 +403,7 @@ def evaluate(
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model_id(recipe["model"]["id"]), revision=recipe["model"]["revision"]
     )
-    rewards, scorers = build_scorers(recipe, "cuda" if torch.cuda.is_available() else "cpu")
+    rewards, scorers = build_scorers(recipe, "cuda" if torch.cuda.is_available() else "cpu", run)
     source = get_source(data_cfg["source"])
     metrics, per_image = {}, {}
     for tag in MODELS:
