@@ -3,13 +3,16 @@
 Builds (or reuses) the pretrained parts — the shapes CLIP reward, an independent CLIP judge and
 the weak SFT captioner — trains zero-label GRPO (recipes/shapes-grpo.yaml) for several seeds,
 evaluates base vs tuned on held-out scenes greedy and sampled, and prints the before/after table.
+`--methods` compares training methods side by side (GRPO, ViZer-G, ViZer-GT, GRPO + latent reward), with the
+ranking accuracy of each scorer (shapes CLIP, the ViZer mappers) per kind of caption error.
 
-    python -m shapescap.demo [--seeds 0 1 2] [--out outputs/demo] [--ablation] [key.sub=value ...]
+    python -m shapescap.demo [--seeds 0 1 2] [--out outputs/demo] [--ablation] [--methods ...] [key.sub=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -44,6 +47,22 @@ REPORTED = [
     "clip_s",
     "clip_s_judge",
 ]
+# name -> (recipe, label); every recipe reads the same base captioner, data and eval set.
+METHODS = {
+    "grpo": ("shapes-grpo", "GRPO"),
+    "vizer-g": ("shapes-vizer-g", "ViZer-G"),
+    "vizer-gt": ("shapes-vizer-gt", "ViZer-GT"),
+    "grpo-latent": ("shapes-grpo-latent", "GRPO + latent"),
+}
+# The six targets every method is judged by: (metric, decoding, direction, relative change wanted).
+METHOD_TARGETS = [
+    ("shapes/object_recall", "greedy", "up", 0.30),
+    ("shapes/hallucination", "sampled", "down", 0.30),
+    ("shapes/hallucination", "greedy", "down", 0.0),
+    ("shapes/object_hallucination", "greedy", "down", 0.0),
+    ("shapes/duplicate_object", "greedy", "down", 0.0),
+    ("shapes/empty", "greedy", "down", 0.0),
+]
 ABLATIONS = {
     "grounding only": ["rewards=[{name: grounding, weight: 1.0, model: 'tiny:shapes-clip'}]"],
     "consistency only": ["rewards=[{name: consistency, weight: 1.0}]"],
@@ -74,10 +93,10 @@ def build_parts() -> None:
         )
 
 
-def train_and_eval(run: Path, overrides: list[str]) -> dict[str, dict]:
+def train_and_eval(run: Path, overrides: list[str], recipe: str = RECIPE) -> dict[str, dict]:
     """Train one seed (resumes if already there) and evaluate greedy and sampled; returns both results."""
     if not (run / "adapter").is_dir():
-        train(load_recipe(RECIPE, overrides), run)
+        train(load_recipe(recipe, overrides), run)
     results = {}
     for decoding, extra in (("greedy", []), ("sampled", ["eval.do_sample=true", "eval.temperature=1.0"])):
         out = evaluate(run, [*overrides, f"eval.judge={JUDGE}", *extra], out_dir=run / f"eval-{decoding}")
@@ -123,6 +142,73 @@ def summary_table(per_seed: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_override(recipe: str, seed: int) -> str:
+    return f"{'vizer' if load_recipe(recipe)['objective'] == 'vizer' else 'grpo'}.seed={seed}"
+
+
+def shared_mapper(recipe: str, out: Path, overrides: list[str]) -> list[str]:
+    """Train a recipe's mapper once (stage A does not depend on the seed) and point every seed's run at it."""
+    from vizer.config import needs_mapper
+    from vizer.mapper import train_recipe_mapper
+
+    loaded = load_recipe(recipe, overrides)
+    if not needs_mapper(loaded) or loaded["mapper"]["path"]:
+        return []
+    # keyed by what stage A depends on, so recipes that ask for the same mapper share one
+    identity = {k: loaded[k] for k in ("model", "prompt", "mapper", "mapper_data")}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    folder = out / "mappers" / f"{loaded['mapper']['variant']}-{key}"
+    if not (folder / "mapper.json").is_file():
+        train_recipe_mapper(loaded, folder)
+    return [f"mapper.path={folder}"]
+
+
+def method_table(results: dict[str, list[dict]], labels: dict[str, str]) -> str:
+    """Base and each method (mean ± sd over seeds) on the six targets, marked met or MISSED."""
+    extra = [("length_words", "greedy"), ("clip_s_judge", "greedy")]
+    lines = [
+        "| metric | decoding | base | " + " | ".join(labels[m] for m in results) + " | target |",
+        "|---|---|---:|" + "---:|" * len(results) + "---|",
+    ]
+    first = next(iter(results.values()))
+    for metric, decoding, direction, amount in [*METHOD_TARGETS, *[(m, d, None, None) for m, d in extra]]:
+        base = statistics.mean(r[decoding]["base"][metric] for r in first)
+        cells = []
+        for per_seed in results.values():
+            tuned = [r[decoding]["tuned"][metric] for r in per_seed]
+            t = statistics.mean(tuned)
+            sd = statistics.stdev(tuned) if len(tuned) > 1 else 0.0
+            mark = ""
+            if direction is not None:
+                rel = relative(base, t)
+                if amount:
+                    ok = rel is not None and (rel >= amount if direction == "up" else -rel >= amount)
+                else:
+                    ok = t >= base if direction == "up" else t <= base
+                mark = " ✓" if ok else " ✗"
+            cells.append(f"{t:.3f} ± {sd:.3f}{mark}")
+        want = ""
+        if direction is not None:
+            want = f"{'+' if direction == 'up' else '-'}{amount:.0%} or better" if amount else "not above base"
+        lines.append(f"| {metric} | {decoding} | {base:.3f} | " + " | ".join(cells) + f" | {want} |")
+    return "\n".join(lines)
+
+
+def ranking_table(mappers: dict[str, Path], n: int = 200) -> str:
+    """How often each scorer prefers the true caption of a held-out scene over a wrong one, per error kind."""
+    from shapescap.captions import RANKING_KINDS
+    from shapescap.clip import evaluate as clip_ranking
+    from shapescap.ranking import mapper_ranking
+
+    rows = {"shapes CLIP (grounding reward)": clip_ranking(resolve_model_id("tiny:shapes-clip"), n)}
+    for label, folder in mappers.items():
+        rows[f"mapper {label} (latent reward)"] = mapper_ranking(folder, n)
+    lines = ["| scorer | " + " | ".join(RANKING_KINDS) + " |", "|---|" + "---:|" * len(RANKING_KINDS)]
+    for name, wins in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{wins[k]:.3f}" for k in RANKING_KINDS) + " |")
+    return "\n".join(lines)
+
+
 def ablation_table(rows: dict[str, dict]) -> str:
     metrics = [
         "shapes/object_recall",
@@ -153,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--ablation", action="store_true", help="also train grounding-only and consistency-only")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        help=f"compare training methods side by side (any of {', '.join(METHODS)}); the table goes to summary.md",
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. grpo.max_steps=50")
     args = parser.parse_args(argv)
     started = time.time()
@@ -168,6 +260,32 @@ def main(argv: list[str] | None = None) -> int:
             "",
             summary_table(per_seed),
         ]
+        if args.methods:
+            results, mappers = {}, {}
+            for method in args.methods:
+                recipe, label = METHODS[method]
+                if method == "grpo":
+                    results[method] = per_seed
+                    continue
+                mapper = shared_mapper(recipe, args.out, args.overrides)
+                if mapper:
+                    folder = Path(mapper[0].split("=", 1)[1])
+                    mappers.setdefault(folder.name.split("-")[0], folder)
+                results[method] = []
+                for seed in args.seeds:
+                    print(f"[{method}] seed {seed}", flush=True)
+                    run = args.out / method / f"seed{seed}"
+                    overrides = [*args.overrides, *mapper, seed_override(recipe, seed)]
+                    results[method].append(train_and_eval(run, overrides, recipe))
+            labels = {m: METHODS[m][1] for m in results}
+            report += [
+                "",
+                f"## Methods ({len(args.seeds)} seeds; ✓ target met, ✗ missed)",
+                "",
+                method_table(results, labels),
+            ]
+            report += ["", "## How often each scorer ranks the true caption first (200 held-out scenes)", ""]
+            report += [ranking_table(mappers)]
         if args.ablation:
             rows = {}
             for name, extra in ABLATIONS.items():

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from peft import get_peft_model
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
 from data import build_dataset
 from vizer.config import VIZER_SCHEMA, RecipeError, dump_recipe, needs_mapper
+from vizer.grpo import CaptionGRPOTrainer
 from vizer.mapper import ensure_mapper, load_mapper, mapper_dir
 from vizer.models import load_model, lora_config
 from vizer.objective import ViZerTrainer
@@ -140,6 +141,7 @@ def train(recipe: dict, out_dir: Path) -> Path:
     callbacks = [MetricsJsonl(out_dir / "metrics.jsonl")]
     if recipe["objective"] == "vizer":
         vizer = recipe["vizer"]
+        set_seed(args.seed)  # the LoRA init draws from the global RNG: the same seed, the same adapter
         model = get_peft_model(loaded.model, peft_config) if peft_config is not None else loaded.model
         trainer = ViZerTrainer(
             model,
@@ -155,7 +157,7 @@ def train(recipe: dict, out_dir: Path) -> Path:
         )
     else:
         print_rewards(recipe, state.print)
-        trainer = GRPOTrainer(
+        trainer = CaptionGRPOTrainer(
             model=loaded.model,
             reward_funcs=build_rewards(recipe, str(state.device), out_dir),  # this process's GPU under accelerate
             args=args,
