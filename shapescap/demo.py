@@ -242,11 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=list(METHODS),
+        metavar="METHOD",
         help=f"compare training methods side by side (any of {', '.join(METHODS)}); the table goes to summary.md",
     )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. grpo.max_steps=50")
     args = parser.parse_args(argv)
+    if args.methods:  # `--methods a b key=value`: the overrides after the methods are still overrides
+        args.overrides += [m for m in args.methods if "=" in m]
+        args.methods = [m for m in args.methods if "=" not in m]
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     started = time.time()
     try:
         load_recipe(RECIPE, args.overrides)  # fail on a bad override before minutes of building

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as err:  # train saves a checkpoint first and says where (vizer.train.Interrupted)
+        print(str(err) or "interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     return 0
 

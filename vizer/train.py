@@ -8,16 +8,20 @@ Re-running into the same OUT resumes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import PartialState
 from peft import get_peft_model
 from transformers import TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig
 
 from data import build_dataset
@@ -27,6 +31,14 @@ from vizer.mapper import ensure_mapper, load_mapper, mapper_dir
 from vizer.models import load_model, lora_config
 from vizer.objective import ViZerTrainer
 from vizer.recipe_rewards import build_rewards, print_rewards
+from vizer.run_dir import (
+    check_rerun,
+    checkpoint_step,
+    last_complete_checkpoint,
+    locked,
+    record_changes,
+    trim_metrics,
+)
 
 # TRL still passes the old name to transformers; the message says nothing the user can act on.
 warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -102,17 +114,50 @@ def training_args(recipe: dict, out_dir: Path) -> GRPOConfig | TrainingArguments
 
 
 def prepare_resume(out_dir: Path, is_main: bool = True) -> str | None:
-    """The last checkpoint in OUT, with metrics.jsonl trimmed (by the main process) to the steps it covers."""
-    checkpoint = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
-    if checkpoint is None:
-        return None
-    step = int(checkpoint.rsplit("-", 1)[-1])
-    path = out_dir / "metrics.jsonl"
-    if is_main and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-        print(f"resuming from {checkpoint} (step {step})")
-    return checkpoint
+    """The newest complete checkpoint in OUT, with metrics.jsonl trimmed (by the main process) to its steps."""
+    checkpoint = last_complete_checkpoint(out_dir, set_aside=is_main) if out_dir.is_dir() else None
+    if is_main:
+        trim_metrics(out_dir / "metrics.jsonl", checkpoint_step(checkpoint) if checkpoint else 0)
+        if checkpoint is not None:
+            print(f"resuming from {checkpoint} (step {checkpoint_step(checkpoint)})")
+    return str(checkpoint) if checkpoint is not None else None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C or SIGTERM after saving a checkpoint at the current step."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}: saved {checkpoint}; re-run the same command to resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class GracefulStop(TrainerCallback):
+    """The first Ctrl-C or SIGTERM asks the trainer to save at the end of the current step and stop (a second
+    Ctrl-C stops at once), so the promise "re-run to resume" holds also before the first scheduled save."""
+
+    def __init__(self) -> None:
+        self.requested, self.step, self._previous = False, None, {}
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        for sig, handler in self._previous.items():  # the next signal falls through to the default
+            signal.signal(sig, handler)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save, control.should_training_stop = True, True
+            self.step = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def train(recipe: dict, out_dir: Path) -> Path:
@@ -120,13 +165,28 @@ def train(recipe: dict, out_dir: Path) -> Path:
     OUT's own files (recipe.yaml, metrics.jsonl, mapper/); the others stay quiet."""
     state = PartialState()
     args = training_args(recipe, out_dir)  # before any model loads: a bad section fails in a second
-    train_dataset = build_dataset(recipe["data"], recipe["prompt"])
-    with state.main_process_first():  # the main process trims metrics.jsonl before anyone reads OUT
-        if state.is_main_process:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RecipeError(f"OUT {out_dir} is a file, not a directory")
+    if state.is_main_process:
+        try:
             out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RecipeError(f"OUT {out_dir}: cannot create it ({err.strerror})") from None
+    with locked(out_dir) if state.is_main_process else contextlib.nullcontext():
+        return _train(recipe, out_dir, args, state)
+
+
+def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
+    with state.main_process_first():  # the main process checks and trims OUT before anyone reads it
+        if state.is_main_process:
+            allowed = check_rerun(recipe, out_dir)  # before anything in OUT changes
+        train_dataset = build_dataset(recipe["data"], recipe["prompt"])
         resume = prepare_resume(out_dir, state.is_main_process)
         if state.is_main_process:
-            dump_recipe(recipe, out_dir / "recipe.yaml")
+            saved = out_dir / "recipe.yaml"
+            if allowed:
+                record_changes(out_dir, allowed, yaml.safe_load(saved.read_text()), recipe)
+            dump_recipe(recipe, saved)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
     if needs_mapper(recipe):
         ensure_mapper(recipe, out_dir)  # Stage A first; reused when OUT/mapper (or mapper.path) is there
@@ -138,7 +198,8 @@ def train(recipe: dict, out_dir: Path) -> Path:
         f"{recipe['model']['quantization']}, LoRA targets {peft_config.target_modules if peft_config else 'none: full'}"
         f", objective {recipe['objective']})"
     )
-    callbacks = [MetricsJsonl(out_dir / "metrics.jsonl")]
+    stop = GracefulStop()
+    callbacks = [MetricsJsonl(out_dir / "metrics.jsonl"), stop]
     if recipe["objective"] == "vizer":
         vizer = recipe["vizer"]
         set_seed(args.seed)  # the LoRA init draws from the global RNG: the same seed, the same adapter
@@ -166,7 +227,17 @@ def train(recipe: dict, out_dir: Path) -> Path:
             peft_config=peft_config,
             callbacks=callbacks,
         )
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise RecipeError(
+            f"disk full while writing to {out_dir}; the last complete checkpoint is intact and a rerun resumes "
+            "from it once there is space"
+        ) from None
+    if stop.requested:
+        raise Interrupted(trainer.state.global_step, out_dir / f"checkpoint-{trainer.state.global_step}")
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))
     if state.is_main_process:

@@ -1,0 +1,154 @@
+"""A night of training survives kills, full disks, a second run and a changed recipe (the run directory)."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train import tiny_overrides
+
+import vizer.train as runner
+from vizer.config import RecipeError, load_recipe
+from vizer.run_dir import trim_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def recipe(*extra: str) -> dict:
+    return load_recipe("tiny-shapes", [*tiny_overrides("tiny-shapes"), "grpo.save_steps=2", *extra])
+
+
+def steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+os.environ["HF_HUB_OFFLINE"] = "1"
+import transformers
+import shapescap  # noqa: F401
+from test_train import tiny_overrides
+from vizer.config import load_recipe
+from vizer.train import train
+
+original = transformers.Trainer._save_optimizer_and_scheduler
+
+def die_mid_save(self, output_dir):  # the weights of checkpoint-4 are written, its state is not
+    if self.state.global_step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, output_dir)
+
+transformers.Trainer._save_optimizer_and_scheduler = die_mid_save
+overrides = [*tiny_overrides("tiny-shapes"), "grpo.save_steps=2", "grpo.max_steps=6"]
+train(load_recipe("tiny-shapes", overrides), __import__("pathlib").Path({out!r}))
+"""
+
+
+def test_a_kill_mid_save_leaves_a_checkpoint_that_is_set_aside_not_resumed(tmp_path, capsys):
+    out = tmp_path / "run"
+    script = KILL_DURING_SAVE.format(root=str(ROOT), out=str(out))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / 'vizer'}:{ROOT / 'tests'}"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / "trainer_state.json").exists()
+    assert (out / ".lock").is_file(), "a killed run leaves its lock behind"
+
+    capsys.readouterr()
+    runner.train(recipe("grpo.max_steps=6"), out)  # the stale lock is taken over, checkpoint-4 set aside
+    said = capsys.readouterr().out
+    assert "taking over the lock of a run that is gone" in said
+    assert f"set aside {out / 'checkpoint-4'} (no trainer_state.json" in said
+    assert f"resuming from {out / 'checkpoint-2'} (step 2)" in said
+    assert (out / "checkpoint-4.incomplete").is_dir() and (out / "checkpoint-6" / "trainer_state.json").is_file()
+    assert steps(out) == [1, 2, 3, 4, 5, 6]
+    assert not (out / ".lock").exists()
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "started": "t"}))
+        with pytest.raises(RecipeError, match=rf"^OUT {out} is in use by pid {sleeper.pid} on "):
+            runner.train(recipe("grpo.max_steps=2"), out)
+        assert not (out / "recipe.yaml").exists(), "refused before touching OUT"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_changed_recipe_is_refused_before_touching_out_and_allowed_changes_are_recorded(tmp_path):
+    out = tmp_path / "run"
+    runner.train(recipe("grpo.max_steps=2"), out)
+    before = (out / "recipe.yaml").read_text()
+    with pytest.raises(RecipeError, match=r"differs in grpo\.learning_rate, model\.lora\.r\); resume it unchanged"):
+        runner.train(recipe("grpo.max_steps=4", "model.lora.r=4", "grpo.learning_rate=0.01"), out)
+    assert (out / "recipe.yaml").read_text() == before
+
+    runner.train(recipe("grpo.max_steps=4"), out)  # more steps: a resume
+    change = json.loads((out / "recipe-changes.jsonl").read_text().splitlines()[-1])
+    assert change["changed"] == {"grpo.max_steps": [2, 4]}
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["grpo"]["max_steps"] == 4
+    assert steps(out) == [1, 2, 3, 4]
+
+
+class SignalAtStep2(runner.MetricsJsonl):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; before any scheduled save
+
+
+def test_ctrl_c_saves_where_it_stopped_and_the_rerun_resumes_there(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(runner, "MetricsJsonl", SignalAtStep2)
+    with pytest.raises(runner.Interrupted) as stopped:
+        runner.train(recipe("grpo.max_steps=6", "grpo.save_steps=100"), out)
+    monkeypatch.undo()
+    step = stopped.value.step
+    assert step in (2, 3) and (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert "re-run the same command to resume" in str(stopped.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handlers restored"
+    runner.train(recipe("grpo.max_steps=6", "grpo.save_steps=100"), out)
+    assert steps(out) == [1, 2, 3, 4, 5, 6], "no step twice"
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    import transformers
+
+    original = transformers.Trainer._save_optimizer_and_scheduler
+
+    def full(self, output_dir):
+        if self.state.global_step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", full)
+    with pytest.raises(RecipeError, match=r"^disk full while writing to .*; the last complete checkpoint is intact"):
+        runner.train(recipe("grpo.max_steps=6"), out)
+    monkeypatch.undo()
+    runner.train(recipe("grpo.max_steps=6"), out)
+    assert (out / "checkpoint-4.incomplete").is_dir() and steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_torn_metrics_line_is_dropped_not_fatal(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    trim_metrics(path, 2)
+    assert path.read_text().splitlines() == ['{"step": 1, "loss": 0.5}', '{"step": 2, "loss": 0.4}']
+    assert "dropped 1 unreadable line" in capsys.readouterr().out
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path):
+    out = tmp_path / "file"
+    out.write_text("x")
+    with pytest.raises(RecipeError, match=r"is a file, not a directory"):
+        runner.train(recipe("grpo.max_steps=2"), out)

@@ -1,0 +1,210 @@
+"""The run directory OUT kept trustworthy across kills, crashes and reruns.
+
+- One run at a time: OUT/.lock names the owner (pid, host); a lock whose process is gone is taken over.
+- Resume picks the newest COMPLETE checkpoint (trainer_state.json readable and weights present); incomplete
+  ones (a kill or a full disk mid-save) are set aside as checkpoint-N.incomplete, never resumed from.
+- A rerun may change only what does not change the run (steps, logging, saving, eval): any other difference
+  from OUT/recipe.yaml is refused before anything in OUT is touched.
+- metrics.jsonl never holds a step twice and survives a torn last line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from vizer.config import RecipeError
+
+LOCK = ".lock"
+# Keys a rerun into the same OUT may change: how long, how often to log or save, and how to evaluate.
+RESUMABLE = (
+    "name",
+    "description",
+    "eval",
+    "eval_data",
+    "grpo.max_steps",
+    "grpo.num_train_epochs",
+    "grpo.logging_steps",
+    "grpo.save_steps",
+    "grpo.save_total_limit",
+    "grpo.report_to",
+    "grpo.log_completions",
+    "grpo.num_completions_to_print",
+    "vizer.max_steps",
+    "vizer.num_train_epochs",
+    "vizer.logging_steps",
+    "vizer.save_steps",
+    "vizer.save_total_limit",
+    "vizer.report_to",
+)
+WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------- lock
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold OUT for this run; refuse (one line) while another live run holds it."""
+    path = out_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _read_lock(path)
+            same_host = owner.get("host") == me["host"]
+            if same_host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+                print(f"{out_dir}: taking over the lock of a run that is gone (pid {owner['pid']})")
+                path.unlink(missing_ok=True)
+                continue
+            raise RecipeError(
+                f"OUT {out_dir} is in use by pid {owner.get('pid', '?')} on {owner.get('host', '?')} "
+                f"(since {owner.get('started', '?')}); wait for it, or train into another OUT"
+                + ("" if same_host else f" (delete {path} if that run is gone)")
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        if _read_lock(path).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("checkpoint-") or not name[len("checkpoint-") :].isdigit():
+        return None
+    return int(name[len("checkpoint-") :])
+
+
+def incomplete_reason(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None when it is complete (trainer_state.json is written
+    last by the trainer, so a readable one after the weights means the save finished)."""
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return "unreadable trainer_state.json"
+    if not any((checkpoint / w).is_file() and (checkpoint / w).stat().st_size > 0 for w in WEIGHTS):
+        return "no model weights"
+    return None
+
+
+def last_complete_checkpoint(out_dir: Path, set_aside: bool = True) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are renamed checkpoint-N.incomplete (said)."""
+    found = sorted(
+        (p for p in out_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None),
+        key=checkpoint_step,
+        reverse=True,
+    )
+    for checkpoint in found:
+        why = incomplete_reason(checkpoint)
+        if why is None:
+            return checkpoint
+        if set_aside:
+            aside = checkpoint.with_name(f"{checkpoint.name}.incomplete")
+            if aside.exists():
+                aside = checkpoint.with_name(f"{checkpoint.name}.incomplete-{int(time.time())}")
+            checkpoint.rename(aside)
+            print(f"set aside {checkpoint} ({why}: an interrupted save) as {aside.name}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+def _flatten(value: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+def _resumable(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
+
+
+def recipe_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(keys that may change on resume and did, keys that must not change and did)."""
+    a, b = _flatten(saved), _flatten(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [k for k in changed if _resumable(k)], [k for k in changed if not _resumable(k)]
+
+
+def check_rerun(recipe: dict, out_dir: Path) -> list[str]:
+    """Refuse a rerun whose recipe differs from OUT/recipe.yaml in what shapes the run; return the allowed
+    changes (to record). Only matters once OUT holds a checkpoint to resume from."""
+    path = out_dir / "recipe.yaml"
+    if not path.is_file() or not any(out_dir.glob("checkpoint-*")):
+        return []
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # unreadable: nothing to compare with; the resume itself will tell
+    allowed, refused = recipe_changes(saved or {}, recipe)
+    if refused:
+        shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6 else "")
+        raise RecipeError(
+            f"OUT {out_dir} holds a run of another recipe (differs in {shown}); resume it unchanged, or train "
+            "into a new OUT"
+        )
+    return allowed
+
+
+def record_changes(out_dir: Path, allowed: list[str], saved: dict, new: dict) -> None:
+    if not allowed:
+        return
+    a, b = _flatten(saved), _flatten(new)
+    entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": {k: [a.get(k), b.get(k)] for k in allowed}}
+    with (out_dir / "recipe-changes.jsonl").open("a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
+    print("resuming with changed settings: " + ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in allowed))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def trim_metrics(path: Path, step: int | None) -> None:
+    """Keep the lines of steps up to `step` (all when None), each step once, and drop a torn last line."""
+    if not path.is_file():
+        return
+    kept, seen, torn = [], set(), 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            key = (record["step"], tuple(sorted(record)))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            torn += 1
+            continue
+        if (step is None or record["step"] <= step) and key not in seen:
+            seen.add(key)
+            kept.append(line)
+    if torn:
+        print(f"{path}: dropped {torn} unreadable line(s) (a write cut short)")
+    path.write_text("".join(line + "\n" for line in kept))
