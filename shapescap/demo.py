@@ -47,12 +47,13 @@ REPORTED = [
     "clip_s",
     "clip_s_judge",
 ]
-# name -> (recipe, label); every recipe reads the same base captioner, data and eval set.
+# name -> (recipe, label, overrides); every recipe reads the same base captioner, data and eval set.
 METHODS = {
-    "grpo": ("shapes-grpo", "GRPO"),
-    "vizer-g": ("shapes-vizer-g", "ViZer-G"),
-    "vizer-gt": ("shapes-vizer-gt", "ViZer-GT"),
-    "grpo-latent": ("shapes-grpo-latent", "GRPO + latent"),
+    "grpo": ("shapes-grpo", "GRPO", []),
+    "vizer-g": ("shapes-vizer-g", "ViZer-G", []),
+    "vizer-gt": ("shapes-vizer-gt", "ViZer-GT", []),
+    "grpo-latent": ("shapes-grpo-latent", "GRPO + latent", []),
+    "vizer-g-kl": ("shapes-vizer-g", "ViZer-G + KL 1.0", ["vizer.kl_beta=1.0"]),  # does a KL term to the base help?
 }
 # The six targets every method is judged by: (metric, decoding, direction, relative change wanted).
 METHOD_TARGETS = [
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.methods:
             results, mappers = {}, {}
             for method in args.methods:
-                recipe, label = METHODS[method]
+                recipe, _, extra = METHODS[method]
                 if method == "grpo":
                     results[method] = per_seed
                     continue
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in args.seeds:
                     print(f"[{method}] seed {seed}", flush=True)
                     run = args.out / method / f"seed{seed}"
-                    overrides = [*args.overrides, *mapper, seed_override(recipe, seed)]
+                    overrides = [*args.overrides, *extra, *mapper, seed_override(recipe, seed)]
                     results[method].append(train_and_eval(run, overrides, recipe))
             labels = {m: METHODS[m][1] for m in results}
             report += [
