@@ -14,8 +14,28 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-# What PIL raises for files that are not images, truncated, or malformed in other ways.
-UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError, AttributeError)
+
+
+# What PIL raises for files that are not images, truncated, malformed in other ways, or decompression bombs
+# (a few bytes declaring a gigapixel image); UnusableImage for pictures no VLM processor takes.
+class UnusableImage(ValueError):
+    """A decodable image of a shape no VLM captions (a 1 x 4000 strip, a 2 x 2 icon)."""
+
+
+UNREADABLE = (
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+)
+# Bounds every processor here accepts (Qwen2-VL refuses an aspect ratio above 200 and sides under 28 px are
+# upsampled; idefics3 resizes anything): an image outside them is skipped where it is read, never mid-step.
+MAX_ASPECT_RATIO = 50
+MIN_SIDE = 8
 
 ImageSource = Image.Image | Path | str | dict
 
@@ -25,12 +45,20 @@ def load_image(source: ImageSource) -> Image.Image:
 
     Decoding the pixels (not only PIL's header `verify()`) is what catches truncated files."""
     if isinstance(source, Image.Image):
+        check_shape(source)
         return source
     if isinstance(source, dict):
         source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
     image = Image.open(source)
+    check_shape(image)  # before decoding: a decompression bomb is refused by its header alone
     image.load()
     return image
+
+
+def check_shape(image: Image.Image) -> None:
+    width, height = image.size
+    if min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UnusableImage(f"{width}x{height} px (sides >= {MIN_SIDE}, aspect ratio <= {MAX_ASPECT_RATIO})")
 
 
 def to_rgb(image: Any) -> Image.Image:
@@ -59,14 +87,18 @@ def to_rgb(image: Any) -> Image.Image:
 
 
 def find_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files under folder (by suffix), broken links included: they are counted as unreadable, not lost."""
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
+    )
 
 
 def readable(path: Path) -> bool:
     try:
+        str(path).encode("utf-8")  # a name that is not UTF-8 cannot go into a datasets table
         load_image(path).close()
         return True
-    except UNREADABLE:
+    except (*UNREADABLE, UnicodeEncodeError):
         return False
 
 

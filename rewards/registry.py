@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 import types
 import typing
@@ -59,6 +60,11 @@ def resolve_factory(name: str) -> Callable[..., Callable]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise RewardConfigError(f"reward plugin '{name}': cannot import module '{module_name}' ({e})") from None
+    except Exception as e:  # the plugin's own code fails at import (SyntaxError, RuntimeError, ...)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise RewardConfigError(
+            f"reward plugin '{name}': importing '{module_name}' failed ({type(e).__name__}: {first})"
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         public = [
@@ -117,8 +123,8 @@ def validate_reward_entry(entry: dict, index: int | None) -> None:
     if not isinstance(name, str) or not name:
         raise RewardConfigError(f"{where}: missing 'name' (a builtin: {', '.join(BUILTINS)}; or 'pkg.module:factory')")
     weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise RewardConfigError(f"{where}: 'weight' must be a number, got {weight!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise RewardConfigError(f"{where}: 'weight' must be a finite number, got {weight!r}")
     if "id" in entry and not (isinstance(entry["id"], str) and re.fullmatch(r"[A-Za-z_][\w.-]*", entry["id"])):
         raise RewardConfigError(f"{where}: 'id' must be a name (letters, digits, _ . -), got {entry['id']!r}")
     try:
@@ -169,12 +175,26 @@ class NamedReward:
         self.func, self.__name__ = func, name
 
     def __call__(self, *args: Any, **kwargs: Any) -> list[float]:
-        return self.func(*args, **kwargs)
+        return self.finite(self.func(*args, **kwargs), kwargs.get("log_metric"))
+
+    def finite(self, values: Any, log_metric: Callable[[str, float], None] | None) -> list:
+        """NaN/inf (which TRL would silently drop from the mean) become the call's lowest finite value, and are
+        counted in `rewards/<name>/nonfinite` as the Reward base class does; None (not applicable) stays."""
+        values = list(values)
+        bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(float(v))]
+        if bad:
+            finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+            floor = min(finite) if finite else 0.0
+            for i in bad:
+                values[i] = floor
+        if log_metric is not None:
+            log_metric(f"rewards/{self.__name__}/nonfinite", float(len(bad)))
+        return values
 
 
 class AsyncNamedReward(NamedReward):
     async def __call__(self, *args: Any, **kwargs: Any) -> list[float]:
-        return await self.func(*args, **kwargs)
+        return self.finite(await self.func(*args, **kwargs), kwargs.get("log_metric"))
 
 
 def build_reward(entry: dict, *, device: str = "cpu", prompt: str = "", **context: Any) -> Callable:

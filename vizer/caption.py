@@ -6,6 +6,7 @@ python -m vizer caption --adapter RUN/adapter --images FOLDER [--out FILE]
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,6 +114,31 @@ def model_for_adapter(adapter: Path) -> tuple[dict, str, dict]:
     return model_cfg, DEFAULT_PROMPT, {}
 
 
+def read_done(out: Path, wanted: set[str]) -> dict[str, str]:
+    """Lines of an earlier, interrupted `make caption` into the same file, by image (a torn last line dropped)."""
+    done: dict[str, str] = {}
+    if not out.is_file():
+        return done
+    for line in out.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("image") in wanted:
+            done[record["image"]] = line
+    return done
+
+
+def report_skipped(bad: Sequence[Path], folder: Path, listing: Path) -> None:
+    """The first few unreadable files in the log, all of them in `listing`."""
+    names = [p.relative_to(folder).as_posix() if p.is_relative_to(folder) else str(p) for p in bad]
+    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    # names that are not UTF-8 are written with their odd bytes escaped (\xff), so the list stays readable
+    listing.write_text("".join(os.fsencode(n).decode("utf-8", "backslashreplace") + "\n" for n in names))
+    print(f"skipped {len(names)} unreadable image(s): {shown} (all listed in {listing})")
+
+
 def caption_folder(
     adapter: Path | None,
     folder: Path,
@@ -139,21 +165,33 @@ def caption_folder(
     prompt, decoding = prompt or DEFAULT_PROMPT, decoding or Decoding()
     good, bad = split_readable(folder)
     if bad:
-        print(
-            f"skipped {len(bad)} unreadable image(s): {', '.join(p.name for p in bad[:5])}{' ...' if len(bad) > 5 else ''}"
-        )
+        report_skipped(bad, folder, out.with_name(out.stem + ".skipped.txt"))
     if not good:
         raise RecipeError(f"--images: no readable images in {folder}")
     adapter_dir = str(adapter) if adapter is not None and (adapter / "adapter_config.json").is_file() else None
     if adapter is not None and adapter_dir is None:  # a full fine-tune saves the whole model there
+        if not (adapter / "config.json").is_file():
+            raise RecipeError(f"--adapter: {adapter} holds neither adapter_config.json nor a model (config.json)")
         model_cfg = {**model_cfg, "id": str(adapter)}
-    loaded = load_with_adapter(model_cfg, adapter_dir)
-    captions = generate_captions(loaded, good, prompt, decoding)
+    names = [p.relative_to(folder).as_posix() for p in good]
+    done = read_done(out, set(names))
+    todo = [i for i, name in enumerate(names) if name not in done]
+    if done:
+        print(f"{out}: {len(done)} of {len(names)} images already captioned; captioning the other {len(todo)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        for path, texts in zip(good, captions):
-            record = {"image": path.relative_to(folder).as_posix()}
-            record.update({"caption": texts[0]} if len(texts) == 1 else {"captions": texts})
-            f.write(json.dumps(record) + "\n")
+    # rewritten with what is kept, then appended batch by batch: a crash loses at most the batch in flight
+    out.write_text("".join(done[name] + "\n" for name in names if name in done))
+    if todo:
+        loaded = load_with_adapter(model_cfg, adapter_dir)
+        with out.open("a") as f:
+
+            def save(start: int, captions: list[list[str]]) -> None:
+                for j, texts in enumerate(captions):
+                    record = {"image": names[todo[start + j]]}
+                    record.update({"caption": texts[0]} if len(texts) == 1 else {"captions": texts})
+                    f.write(json.dumps(record) + "\n")
+                f.flush()
+
+            generate_captions(loaded, [good[i] for i in todo], prompt, decoding, on_batch=save)
     print(f"wrote {len(good)} captions to {out}" + (f" ({len(bad)} unreadable image(s) skipped)" if bad else ""))
     return out

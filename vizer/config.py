@@ -116,6 +116,60 @@ CHOICES = {
     "objective": ("grpo", "vizer"),
     "mapper.variant": ("G", "GT"),
 }
+# Numeric bounds, checked at load time so that `make check` refuses what would fail (or silently misbehave)
+# later: key -> (lowest allowed, whether the lowest itself is allowed). Keys are full dotted recipe keys.
+_POSITIVE, _NON_NEGATIVE = (0, False), (0, True)
+BOUNDS: dict[str, tuple[float, bool]] = {
+    **dict.fromkeys(("model.lora.r", "model.lora.alpha"), _POSITIVE),
+    "model.lora.dropout": _NON_NEGATIVE,
+    **dict.fromkeys(("eval.max_new_tokens", "eval.batch_size", "eval.num_samples", "eval.temperature"), _POSITIVE),
+    **dict.fromkeys(
+        (
+            "mapper.pairs_per_image",
+            "mapper.max_new_tokens",
+            "mapper.width",
+            "mapper.epochs",
+            "mapper.lr",
+            "mapper.batch_size",
+            "mapper.temperature",
+        ),
+        _POSITIVE,
+    ),
+    "mapper.heldout_fraction": _NON_NEGATIVE,
+    **dict.fromkeys(("vizer.kl_beta",), _NON_NEGATIVE),
+    **dict.fromkeys(("vizer.temperature", "vizer.max_new_tokens"), _POSITIVE),
+}
+# The same for trainer fields, in both the grpo: and the vizer: sections.
+TRAINER_BOUNDS: dict[str, tuple[float, bool]] = {
+    **dict.fromkeys(("learning_rate", "weight_decay", "beta", "warmup_steps", "warmup_ratio"), _NON_NEGATIVE),
+    **dict.fromkeys(
+        (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_completion_length",
+            "temperature",
+            "logging_steps",
+            "save_steps",
+            "num_iterations",
+            "num_train_epochs",
+        ),
+        _POSITIVE,
+    ),
+    "num_generations": (2, True),  # a group of one has no spread: nothing to learn from
+}
+
+
+def _check_bounds(key: str, value: Any, bounds: tuple[float, bool] | None) -> None:
+    if bounds is None or not isinstance(value, _NUM) or isinstance(value, bool):
+        return
+    low, inclusive = bounds
+    if value != value or value in (float("inf"), float("-inf")):
+        raise RecipeError(f"'{key}' must be a finite number, got {value!r}")
+    if value < low or (value == low and not inclusive):
+        relation = f">= {low}" if inclusive else f"> {low}"
+        raise RecipeError(f"'{key}' must be {relation}, got {value!r}")
+
+
 # Trainer config fields that the runner owns: set them in the recipe's own sections instead.
 RUNNER_OWNED = {"output_dir": "OUT", "reward_weights": "rewards[].weight"}
 
@@ -155,6 +209,7 @@ def _check_section(section: dict, schema: dict, where: str) -> dict:
             raise RecipeError(
                 f"'{where}{key}' must be one of {', '.join(choices)}, got {value!r}{closest(value, choices)}"
             )
+        _check_bounds(where + key, value, BOUNDS.get(where + key))
         out[key] = value
     return out
 
@@ -197,6 +252,9 @@ def _check_fields(section: dict, cls: type, where: str, own: dict | None = None)
         elif isinstance(default, int) and not isinstance(value, bool):
             if not isinstance(value, int):
                 raise RecipeError(f"'{where}.{key}' expects an integer, got {value!r}")
+        _check_bounds(f"{where}.{key}", value, TRAINER_BOUNDS.get(key))
+        if key == "max_steps" and value == 0 or isinstance(value, int) and key == "max_steps" and value < -1:
+            raise RecipeError(f"'{where}.max_steps' must be positive (or -1: train num_train_epochs), got {value}")
         out[key] = value
     return out
 
@@ -367,7 +425,11 @@ def recipe_path(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> dict:
     path = recipe_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: is not UTF-8 text (byte {err.start})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -49,8 +49,12 @@ def check_model_id(model_id: str, key: str) -> None:
                 f"'{key}': unknown local model '{model_id}'{closest(model_id, known_ids())}; "
                 f"available: {', '.join(known_ids())} (plugins add more, e.g. plugins: [shapescap])"
             )
-    elif model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
-        raise ModelIdError(f"'{key}': model folder not found: {model_id}")
+    elif model_id.startswith(("/", "./", "../", "~")):
+        folder = os.path.expanduser(model_id)
+        if not os.path.isdir(folder):
+            raise ModelIdError(f"'{key}': model folder not found: {model_id}")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ModelIdError(f"'{key}': {model_id} holds no model (no config.json)")
 
 
 def resolve_model_id(model_id: str) -> str:

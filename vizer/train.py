@@ -191,6 +191,8 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     if needs_mapper(recipe):
         ensure_mapper(recipe, out_dir)  # Stage A first; reused when OUT/mapper (or mapper.path) is there
 
+    # rewards first: a plugin that cannot be built fails before minutes of loading the policy
+    reward_funcs = build_rewards(recipe, str(state.device), out_dir) if recipe["objective"] == "grpo" else []
     loaded = load_model(recipe["model"], gradient_checkpointing=args.gradient_checkpointing)
     peft_config = lora_config(recipe["model"]["lora"], loaded.model, loaded.family)
     state.print(
@@ -220,7 +222,7 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
         print_rewards(recipe, state.print)
         trainer = CaptionGRPOTrainer(
             model=loaded.model,
-            reward_funcs=build_rewards(recipe, str(state.device), out_dir),  # this process's GPU under accelerate
+            reward_funcs=reward_funcs,
             args=args,
             train_dataset=train_dataset,
             processing_class=loaded.processor,

@@ -38,7 +38,8 @@ def test_unknown_ids_fail_with_one_line_naming_the_key(tmp_path):
         model_ids.check_model_id("tiny:idefics", "model.id")
     with pytest.raises(ConfigError, match=r"^'rewards\[0\].model': model folder not found: ./nowhere$"):
         model_ids.check_model_id("./nowhere", "rewards[0].model")
-    model_ids.check_model_id(str(tmp_path), "model.id")  # an existing folder is fine
+    (tmp_path / "config.json").write_text("{}")
+    model_ids.check_model_id(str(tmp_path), "model.id")  # an existing model folder is fine
     model_ids.check_model_id("org/some-hub-model", "model.id")  # hub ids are checked when loaded
 
 
