@@ -14,6 +14,7 @@ from vizer.caption import Decoding
 from vizer.cli import main
 from vizer.config import load_recipe
 from vizer.evaluate import cache_file
+from vizer.metrics import tokenize
 
 REWARDS = ("grounding", "consistency", "length", "repetition", "degenerate")
 SHAPES = (
@@ -100,6 +101,15 @@ def test_eval_writes_all_three_files_with_both_models_and_every_metric(evaluated
     for name in EVERY_METRIC:
         assert re.search(rf"^\| {re.escape(name)} \| \S+ \| \S+ \|", table, re.M), name
     assert "not an independent judge" in table
+
+    # the numbers are the captions' own: length and emptiness recomputed from the cached captions
+    for model in ("base", "tuned"):
+        cache = next((evaluated / "cache").glob(f"{model}-*.jsonl"))
+        captions = [json.loads(line)["captions"][0] for line in cache.read_text().splitlines()]
+        assert len(captions) == 6
+        words = [len(tokenize(c)) for c in captions]
+        assert results["models"][model]["length_words"] == pytest.approx(sum(words) / 6)
+        assert results["models"][model]["shapes/empty"] == pytest.approx(sum(not c.strip() for c in captions) / 6)
 
     page = (evaluated / "gallery.html").read_text()
     assert page.count("<tr data-scores=") == 6 and page.count("data:image/png;base64,") == 6

@@ -108,6 +108,11 @@ def test_idefics3_generate(folders):
     assert model.generation_config.pad_token_id == processor.tokenizer.pad_token_id
     loss = model(**inputs, labels=inputs["input_ids"]).loss
     assert torch.isfinite(loss)
+    # the picture reaches the language model: another image changes the next-token logits, the same one does not
+    with torch.no_grad():
+        other = processor(text=prompt, images=[[Image.new("RGB", (64, 64), (40, 80, 220))]], return_tensors="pt")
+        same, again, changed = (model(**x).logits[0, -1] for x in (inputs, inputs, other))
+    assert torch.equal(same, again) and not torch.allclose(same, changed)
 
 
 def test_idefics3_image_splitting(folders):
