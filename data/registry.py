@@ -13,8 +13,9 @@ from typing import Any
 
 from data.errors import ConfigError, closest
 
-# (cfg, where, with_references) -> datasets.Dataset | datasets.IterableDataset
-Builder = Callable[[dict, str, bool], Any]
+# (cfg, where, with_references, skipped) -> datasets.Dataset | datasets.IterableDataset; the names of images
+# that cannot be used are appended to `skipped`
+Builder = Callable[[dict, str, bool, list], Any]
 # (captions, truths) -> (corpus metrics, per-caption metrics)
 TruthMetrics = Callable[[Sequence[str], Sequence[str]], tuple[dict, list[dict]]]
 

@@ -20,15 +20,17 @@ def conversational_prompt(text: str) -> list[dict]:
 
 
 def build_dataset(
-    cfg: dict, prompt: str, *, where: str = "data", with_references: bool = False
+    cfg: dict, prompt: str, *, where: str = "data", with_references: bool = False, skipped: list[str] | None = None
 ) -> Dataset | IterableDataset:
-    """Rows {prompt, image, image_id[, references][, truth]} from a validated data section."""
-    dataset = get_source(cfg["source"], f"{where}.source").build(cfg, where, with_references)
+    """Rows {prompt, image, image_id[, references][, truth]} from a validated data section. The names of images
+    that cannot be used are appended to `skipped` (for a streamed dataset, as the stream reaches them)."""
+    skipped = skipped if skipped is not None else []
+    dataset = get_source(cfg["source"], f"{where}.source").build(cfg, where, with_references, skipped)
     messages = conversational_prompt(prompt)
     return dataset.map(lambda _: {"prompt": messages})
 
 
-def _hub(cfg: dict, where: str, with_references: bool) -> Dataset | IterableDataset:
+def _hub(cfg: dict, where: str, with_references: bool, skipped: list[str]) -> Dataset | IterableDataset:
     try:
         dataset = load_dataset(cfg["id"], cfg["config"], split=cfg["split"], streaming=cfg["streaming"])
     except Exception as err:  # datasets raises many types; the user needs the first line
@@ -59,7 +61,7 @@ def _hub(cfg: dict, where: str, with_references: bool) -> Dataset | IterableData
 
     def to_row(example: dict, index: int) -> dict:
         image_id = str(example[cfg["id_column"]]) if cfg["id_column"] else f"{prefix}/{index}"
-        row = {"image": _open_image(example[image_column], image_id, where), "image_id": image_id}
+        row = {"image": _open_image(example.get(image_column), image_id, where, skipped), "image_id": image_id}
         if with_references and cfg["captions_column"]:
             refs = example[cfg["captions_column"]]
             row["references"] = [refs] if isinstance(refs, str) else list(refs)
@@ -77,12 +79,15 @@ def _is_image_feature(dataset: Dataset | IterableDataset, column: str) -> bool:
     return isinstance((dataset.features or {}).get(column), ImageFeature)
 
 
-def _open_image(value, image_id: str, where: str) -> Image.Image | None:
-    """load_image, or None (said once per image) if it cannot be decoded."""
+def _open_image(value, image_id: str, where: str, skipped: list[str]) -> Image.Image | None:
+    """load_image, or None (said once per image, and recorded) if it cannot be used."""
     try:
+        if value is None:
+            raise ValueError("no image in this row")
         return load_image(value)
-    except UNREADABLE:
-        print(f"{where}: skipping unreadable image {image_id}")
+    except UNREADABLE as err:
+        print(f"{where}: skipping unreadable image {image_id} ({type(err).__name__})")
+        skipped.append(image_id)
         return None
 
 
@@ -110,11 +115,14 @@ def load_folder_references(folder: Path) -> dict[str, list[str]]:
     return refs
 
 
-def _folder(cfg: dict, where: str, with_references: bool) -> Dataset:
+def _folder(cfg: dict, where: str, with_references: bool, skipped: list[str]) -> Dataset:
     folder = Path(cfg["path"]).expanduser()
     good, bad = split_readable(folder)
     if bad:
-        print(f"{where}: skipped {len(bad)} unreadable image(s) in {folder}")
+        names = [p.relative_to(folder).as_posix() for p in bad]
+        skipped += names
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        print(f"{where}: skipped {len(bad)} unreadable image(s) in {folder}: {shown}")
     if not good:
         raise ConfigError(f"'{where}.path': no readable images in {folder}")
     if cfg["limit"] is not None:

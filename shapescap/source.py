@@ -18,7 +18,7 @@ from shapescap.scenes import SPLITS, describe, render, shapes_scenes
 DEFAULT_LIMIT = 256
 
 
-def build(cfg: dict, where: str, with_references: bool) -> Dataset:
+def build(cfg: dict, where: str, with_references: bool, skipped: list[str]) -> Dataset:
     if cfg["split"] not in SPLITS:
         raise ConfigError(f"'{where}.split': shapes has splits {', '.join(SPLITS)}, got {cfg['split']!r}")
     n = cfg["limit"] or DEFAULT_LIMIT

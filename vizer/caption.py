@@ -129,9 +129,8 @@ def read_done(out: Path, wanted: set[str]) -> dict[str, str]:
     return done
 
 
-def report_skipped(bad: Sequence[Path], folder: Path, listing: Path) -> None:
-    """The first few unreadable files in the log, all of them in `listing`."""
-    names = [p.relative_to(folder).as_posix() if p.is_relative_to(folder) else str(p) for p in bad]
+def report_skipped(names: Sequence[str], listing: Path) -> None:
+    """The first few unusable images in the log, all of them in `listing`."""
     shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     listing.parent.mkdir(parents=True, exist_ok=True)
     # names that are not UTF-8 are written with their odd bytes escaped (\xff), so the list stays readable
@@ -165,7 +164,7 @@ def caption_folder(
     prompt, decoding = prompt or DEFAULT_PROMPT, decoding or Decoding()
     good, bad = split_readable(folder)
     if bad:
-        report_skipped(bad, folder, out.with_name(out.stem + ".skipped.txt"))
+        report_skipped([p.relative_to(folder).as_posix() for p in bad], out.with_name(out.stem + ".skipped.txt"))
     if not good:
         raise RecipeError(f"--images: no readable images in {folder}")
     adapter_dir = str(adapter) if adapter is not None and (adapter / "adapter_config.json").is_file() else None

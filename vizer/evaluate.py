@@ -22,11 +22,11 @@ from datasets import Image as ImageFeature
 from transformers import AutoTokenizer
 
 from data import build_dataset, conversational_prompt
-from data.images import split_readable, to_rgb
+from data.images import to_rgb
 from data.registry import Source, get_source
 from rewards import build_reward, reward_name
 from rewards.grounding import grounding
-from vizer.caption import Decoding, generate_captions
+from vizer.caption import Decoding, generate_captions, report_skipped
 from vizer.config import DATA_SCHEMA, RecipeError, load_recipe
 from vizer.gallery import GalleryItem, thumbnail_data_uri, write_gallery
 from vizer.metrics import clip_scores, reference_scores, text_stats
@@ -75,10 +75,10 @@ def describe_data(cfg: dict) -> str:
     )
 
 
-def load_eval_set(cfg: dict, prompt: str) -> tuple[list[EvalImage], int]:
-    """The eval images with references (and truth, for sources that know it), and how many were skipped."""
-    skipped = len(split_readable(Path(cfg["path"]).expanduser())[1]) if cfg["source"] == "folder" else 0
-    dataset = build_dataset(cfg, prompt, where="eval_data", with_references=True)
+def load_eval_set(cfg: dict, prompt: str) -> tuple[list[EvalImage], list[str]]:
+    """The eval images with references (and truth, for sources that know it), and the ones skipped."""
+    skipped: list[str] = []
+    dataset = build_dataset(cfg, prompt, where="eval_data", with_references=True, skipped=skipped)
     if isinstance(dataset, Dataset):  # decode ourselves, so that one broken image is skipped, not fatal
         dataset = dataset.cast_column("image", ImageFeature(decode=False))
     items = []
@@ -86,7 +86,7 @@ def load_eval_set(cfg: dict, prompt: str) -> tuple[list[EvalImage], int]:
         try:
             pixels = to_rgb(row["image"]).tobytes()
         except Exception:  # PIL raises many types for broken files: skip and count, never fail the report
-            skipped += 1
+            skipped.append(str(row["image_id"]))
             continue
         items.append(
             EvalImage(
@@ -370,7 +370,8 @@ def evaluate(
         raise RecipeError("eval: the recipe has no eval_data; pass --images FOLDER or eval_data.* overrides")
     if limit is not None:
         data_cfg = {**data_cfg, "limit": limit}
-    items, skipped = load_eval_set(data_cfg, recipe["prompt"])
+    items, skipped_names = load_eval_set(data_cfg, recipe["prompt"])
+    skipped = len(skipped_names)
     print(f"eval set: {describe_data(data_cfg)}: {len(items)} images" + (f", {skipped} skipped" if skipped else ""))
 
     decoding = Decoding.from_eval(recipe["eval"])
@@ -429,6 +430,8 @@ def evaluate(
         },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    if skipped_names:
+        report_skipped(skipped_names, out_dir / "skipped.txt")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(results_markdown(results, source.lower_is_better))
     gallery = [

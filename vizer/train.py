@@ -25,6 +25,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from trl import GRPOConfig
 
 from data import build_dataset
+from vizer.caption import report_skipped
 from vizer.config import VIZER_SCHEMA, RecipeError, dump_recipe, needs_mapper
 from vizer.grpo import CaptionGRPOTrainer
 from vizer.mapper import ensure_mapper, load_mapper, mapper_dir
@@ -180,7 +181,8 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     with state.main_process_first():  # the main process checks and trims OUT before anyone reads it
         if state.is_main_process:
             allowed = check_rerun(recipe, out_dir)  # before anything in OUT changes
-        train_dataset = build_dataset(recipe["data"], recipe["prompt"])
+        skipped: list[str] = []  # filled as the data is read (for a stream, as training reaches it)
+        train_dataset = build_dataset(recipe["data"], recipe["prompt"], skipped=skipped)
         resume = prepare_resume(out_dir, state.is_main_process)
         if state.is_main_process:
             saved = out_dir / "recipe.yaml"
@@ -238,6 +240,8 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
             f"disk full while writing to {out_dir}; the last complete checkpoint is intact and a rerun resumes "
             "from it once there is space"
         ) from None
+    if skipped and state.is_main_process:
+        report_skipped(skipped, out_dir / "skipped.txt")
     if stop.requested:
         raise Interrupted(trainer.state.global_step, out_dir / f"checkpoint-{trainer.state.global_step}")
     adapter_dir = out_dir / "adapter"
