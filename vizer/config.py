@@ -40,6 +40,8 @@ MODEL_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "lora": ((dict,), {}),
     "processor": ((dict,), {}),
     "revision": ((str,), None),
+    # encode each image once per GRPO group and step (vizer/shared_vision.py): auto = where exact; true; false
+    "share_vision": ((str, bool), "auto"),
 }
 LORA_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "r": ((int,), 16),
@@ -113,6 +115,7 @@ CHOICES = {
     "model.quantization": ("none", "4bit", "8bit"),
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.family": ("auto", "idefics3", "qwen2_vl", "generic"),
+    "model.share_vision": ("auto", True, False),
     "objective": ("grpo", "vizer"),
     "mapper.variant": ("G", "GT"),
 }

@@ -40,6 +40,7 @@ from vizer.run_dir import (
     record_changes,
     trim_metrics,
 )
+from vizer.shared_vision import share_vision, why_not_shared
 
 # TRL still passes the old name to transformers; the message says nothing the user can act on.
 warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -161,6 +162,18 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
 
 
+def vision_path(setting: str | bool, model: torch.nn.Module, family: str, state: PartialState) -> None:
+    """Share each image's vision features across its group when that is exact; say which path runs."""
+    reason = why_not_shared(model, family) if setting is not False else "model.share_vision is false"
+    if reason is None:
+        share_vision(model)
+        state.print("vision: each distinct image encoded once per step, shared by its group (model.share_vision)")
+    elif setting is True:
+        raise RecipeError(f"'model.share_vision' is true, but {reason}; set it to auto or false")
+    else:
+        state.print(f"vision: stock path, every completion encodes its image ({reason})")
+
+
 def train(recipe: dict, out_dir: Path) -> Path:
     """Train and return OUT/adapter. Under `accelerate launch`, only the main process prints and writes
     OUT's own files (recipe.yaml, metrics.jsonl, mapper/); the others stay quiet."""
@@ -231,6 +244,7 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
             peft_config=peft_config,
             callbacks=callbacks,
         )
+    vision_path(recipe["model"]["share_vision"], trainer.model, loaded.family.name, state)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except OSError as err:
