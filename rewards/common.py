@@ -99,6 +99,39 @@ class LRUCache:
         return key in self._data
 
 
+def call_images(kwargs: dict, plugin: str) -> tuple[list[Any], list[Any] | None]:
+    """The image of each completion of a TRL reward call (first image when a row has several) and the ids."""
+    images = kwargs.get("image") if kwargs.get("image") is not None else kwargs.get("images")
+    if images is None:
+        raise ValueError(f"{plugin} needs the images: the dataset must have an `image` column")
+    images = [im[0] if isinstance(im, (list, tuple)) else im for im in images]
+    ids = kwargs.get("image_id")
+    return images, (list(ids) if ids is not None and len(ids) == len(images) else None)
+
+
+def encode_distinct(
+    images: list[Any], ids: list[Any] | None, cache: LRUCache, encode: Callable[[list[Any]], Any]
+) -> tuple[Any, list[int], list[Hashable]]:
+    """Each distinct image of a call encoded once (`encode` gets only those the cache lacks): the stacked
+    table of distinct embeddings, the row of each completion in it, and the distinct keys."""
+    import torch
+
+    keys: list[Hashable] = [image_key(im, ids[i] if ids else None) for i, im in enumerate(images)]
+    first: dict[Hashable, Any] = {}
+    for key, im in zip(keys, images, strict=True):
+        first.setdefault(key, im)
+    order = list(first)
+    table = [cache.get(key) for key in order]
+    missing = [j for j, emb in enumerate(table) if emb is None]
+    if missing:
+        fresh = encode([first[order[j]] for j in missing])
+        for row, j in enumerate(missing):
+            table[j] = fresh[row]
+            cache.put(order[j], fresh[row])
+    row_of = {key: j for j, key in enumerate(order)}
+    return torch.stack(table), [row_of[k] for k in keys], order
+
+
 # ---------------------------------------------------------------------------------------------- groups
 def group_ids(n: int, kwargs: dict, column: str = "image_id") -> list[Hashable]:
     """The group of each completion: the id column when present, else the image's content.

@@ -12,7 +12,6 @@ are kept in a bounded LRU cache keyed by `image_id` (or by the pixels when there
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from typing import Any, Literal
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from data.images import to_rgb
 
-from .common import LRUCache, Reward, image_key, torch_device
+from .common import LRUCache, Reward, call_images, encode_distinct, torch_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,31 +113,11 @@ class GroundingReward(Reward):
         """Embeddings of the distinct images of a call, the row of each completion, and the distinct keys."""
         if not self.share_images:
             return self.encode_images(images), list(range(len(images))), [object() for _ in images]
-        keys: list[Hashable] = [image_key(im, ids[i] if ids else None) for i, im in enumerate(images)]
-        distinct: dict[Hashable, int] = {}
-        first: list[Any] = []
-        for key, im in zip(keys, images, strict=True):
-            if key not in distinct:
-                distinct[key] = len(first)
-                first.append(im)
-        order = list(distinct)
-        table = [self.cache.get(key) for key in order]
-        missing = [j for j, emb in enumerate(table) if emb is None]
-        if missing:
-            fresh = self.encode_images([first[j] for j in missing])
-            for row, j in enumerate(missing):
-                table[j] = fresh[row]
-                self.cache.put(order[j], fresh[row])
-        return torch.stack(table), [distinct[k] for k in keys], order
+        return encode_distinct(images, ids, self.cache, self.encode_images)
 
     # ------------------------------------------------------------------------------------- score
     def score(self, texts: list[str | None], **kwargs: Any) -> list[float]:
-        images = kwargs.get("image") if kwargs.get("image") is not None else kwargs.get("images")
-        if images is None:
-            raise ValueError("grounding needs the images: the dataset must have an `image` column")
-        images = [im[0] if isinstance(im, (list, tuple)) else im for im in images]
-        ids = kwargs.get("image_id")
-        ids = list(ids) if ids is not None and len(ids) == len(images) else None
+        images, ids = call_images(kwargs, "grounding")
         valid = [i for i, t in enumerate(texts) if t is not None]
         scores = [float("nan")] * len(texts)
         log_metric = kwargs.get("log_metric")

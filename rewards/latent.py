@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from data.images import to_rgb
 
-from .common import LRUCache, Reward, image_key, torch_device
+from .common import LRUCache, Reward, call_images, encode_distinct, torch_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG, WEIGHTS = "mapper.json", "mapper.safetensors"
@@ -220,31 +220,16 @@ class LatentReward(Reward):
 
     def image_table(self, images: list[Any], ids: list[Any] | None) -> tuple[torch.Tensor, list[int]]:
         """F_I of the distinct images of a call (cached), and the row of each completion."""
-        keys: list[Hashable] = [image_key(im, ids[i] if ids else None) for i, im in enumerate(images)]
-        first: dict[Hashable, Any] = {}
-        for key, im in zip(keys, images):
-            first.setdefault(key, im)
-        order = list(first)
-        table = [self.cache.get(key) for key in order]
-        missing = [j for j, f in enumerate(table) if f is None]
-        if missing:
-            fresh = image_features(
-                self.model, self.image_processor, [first[order[j]] for j in missing], batch_size=self.batch_size
-            )
-            self.image_encodes += len(missing)
-            for row, j in enumerate(missing):
-                table[j] = fresh[row]
-                self.cache.put(order[j], fresh[row])
-        row_of = {key: j for j, key in enumerate(order)}
-        return torch.stack(table).to(self.device), [row_of[k] for k in keys]
+
+        def encode(batch: list[Any]) -> torch.Tensor:
+            self.image_encodes += len(batch)
+            return image_features(self.model, self.image_processor, batch, batch_size=self.batch_size)
+
+        table, rows, _ = encode_distinct(images, ids, self.cache, encode)
+        return table.to(self.device), rows
 
     def score(self, texts: list[str | None], **kwargs: Any) -> list[float]:
-        images = kwargs.get("image") if kwargs.get("image") is not None else kwargs.get("images")
-        if images is None:
-            raise ValueError("latent needs the images: the dataset must have an `image` column")
-        images = [im[0] if isinstance(im, (list, tuple)) else im for im in images]
-        ids = kwargs.get("image_id")
-        ids = list(ids) if ids is not None and len(ids) == len(images) else None
+        images, ids = call_images(kwargs, "latent")
         valid = [i for i, t in enumerate(texts) if t is not None]
         scores = [float("nan")] * len(texts)
         if not valid:
