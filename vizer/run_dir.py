@@ -65,7 +65,7 @@ def locked(out_dir: Path) -> Iterator[None]:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = _create(path, out_dir)
         except FileExistsError:
             owner = _read_lock(path)
             same_host = owner.get("host") == me["host"]
@@ -86,6 +86,15 @@ def locked(out_dir: Path) -> Iterator[None]:
     finally:
         if _read_lock(path).get("pid") == me["pid"]:
             path.unlink(missing_ok=True)
+
+
+def _create(path: Path, out_dir: Path) -> int:
+    try:
+        return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise
+    except OSError as err:  # read-only filesystem or folder: nothing could be saved there
+        raise RecipeError(f"OUT {out_dir} is not writable ({err.strerror})") from None
 
 
 def _read_lock(path: Path) -> dict:

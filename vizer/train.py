@@ -147,7 +147,7 @@ class GracefulStop(TrainerCallback):
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping")
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not self._previous:  # once
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._request)
 

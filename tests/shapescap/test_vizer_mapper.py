@@ -1,5 +1,10 @@
 """ViZer's mapper on ShapesCap: stage A learns, and the trained mapper prefers the true caption of a held-out
-scene over a colour-swapped or an object-dropped one."""
+scene over a colour-swapped or an object-dropped one.
+
+Slow (the demo's captioner, about 4 minutes to build on first use, and stage A on 1,000 scenes): `make test-all`.
+Measured here with 4,000 scenes (`make demo ARGS="--methods ..."`): held-out cosine 0.73 against 0.27 for
+another scene's image; true caption first over a colour swap in 89% of held-out scenes, over a dropped object
+in 80% (shapescap/README.md)."""
 
 import json
 
@@ -10,9 +15,12 @@ from vizer.config import load_recipe
 from vizer.mapper import train_recipe_mapper
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
-def g_mapper(small_captioner, tmp_path_factory):
-    recipe = load_recipe("shapes-vizer-g", [f"model.id={small_captioner}", "mapper_data.limit=400", "mapper.epochs=30"])
+def g_mapper(tmp_path_factory):
+    recipe = load_recipe("shapes-vizer-g", ["mapper_data.limit=1000", "mapper.epochs=30"])
     return train_recipe_mapper(recipe, tmp_path_factory.mktemp("run") / "mapper")
 
 
@@ -20,7 +28,7 @@ def test_held_out_loss_falls_and_beats_another_images_target(g_mapper):
     report = json.loads((g_mapper / "report.json").read_text())
     held = [e["heldout_cosine"] for e in report["epochs"]]
     assert held[-1] > held[0] + 0.05, held
-    assert report["heldout_cosine"] > report["heldout_shuffled_cosine"], report
+    assert report["heldout_cosine"] > report["heldout_shuffled_cosine"] + 0.1, report
     meta = json.loads((g_mapper / "mapper.json").read_text())
     assert meta["variant"] == "G" and meta["heldout_cosine"] == pytest.approx(report["heldout_cosine"])
 

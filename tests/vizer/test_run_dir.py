@@ -152,3 +152,18 @@ def test_out_that_is_a_file_is_one_line(tmp_path):
     out.write_text("x")
     with pytest.raises(RecipeError, match=r"is a file, not a directory"):
         runner.train(recipe("grpo.max_steps=2"), out)
+
+
+def test_a_read_only_out_is_one_line(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(out)):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(RecipeError, match=rf"^OUT {out} is not writable \(Read-only file system\)$"):
+        runner.train(recipe("grpo.max_steps=2"), out)
