@@ -4,7 +4,7 @@ scene over a colour-swapped or an object-dropped one.
 Slow (the demo's captioner, about 4 minutes to build on first use, and stage A on 1,000 scenes): `make test-all`.
 Measured here with 4,000 scenes (`make demo ARGS="--methods ..."`): held-out cosine 0.73 against 0.27 for
 another scene's image; true caption first over a colour swap in 89% of held-out scenes, over a dropped object
-in 80% (shapescap/README.md)."""
+in 80% (shapescap/README.md); with the 1,000 scenes of this test: 0.72 vs 0.27, colour 86.5%, drop 73.5%."""
 
 import json
 
