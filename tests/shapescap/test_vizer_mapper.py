@@ -14,7 +14,6 @@ from shapescap.ranking import mapper_ranking
 from vizer.config import load_recipe
 from vizer.mapper import train_recipe_mapper
 
-
 pytestmark = pytest.mark.slow
 
 
