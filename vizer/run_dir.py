@@ -164,8 +164,11 @@ def _resumable(key: str) -> bool:
 def recipe_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     """(keys that may change on resume and did, keys that must not change and did)."""
     a, b = _flatten(saved), _flatten(new)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return [k for k in changed if _resumable(k)], [k for k in changed if not _resumable(k)]
+    # a key the saved recipe lacks entirely was added by a newer version of the runner (with its default):
+    # resuming an older run is allowed, and the key is recorded like any allowed change
+    added = sorted(k for k in set(b) - set(a) if not any(k.startswith(s + ".") for s in a))
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in added)
+    return [*added, *(k for k in changed if _resumable(k))], [k for k in changed if not _resumable(k)]
 
 
 def check_rerun(recipe: dict, out_dir: Path) -> list[str]:

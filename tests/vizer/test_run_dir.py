@@ -167,3 +167,16 @@ def test_a_read_only_out_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(RecipeError, match=rf"^OUT {out} is not writable \(Read-only file system\)$"):
         runner.train(recipe("grpo.max_steps=2"), out)
+
+
+def test_a_run_saved_by_an_older_runner_resumes_with_the_new_keys_recorded():
+    from vizer.run_dir import recipe_changes
+
+    new = {
+        "model": {"id": "m", "lora": {"r": 8}, "share_vision": "auto"},
+        "grpo": {"max_steps": 4},
+        "objective": "grpo",
+    }
+    old = {"model": {"id": "m", "lora": {"r": 8}}, "grpo": {"max_steps": 2}}
+    assert recipe_changes(old, new) == (["model.share_vision", "objective", "grpo.max_steps"], [])
+    assert recipe_changes({**old, "model": {"id": "m", "lora": {"r": 4}}}, new)[1] == ["model.lora.r"]
