@@ -156,7 +156,8 @@ class GracefulStop(TrainerCallback):
             control.should_save, control.should_training_stop = True, True
             self.step = state.global_step
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def restore(self) -> None:
+        """Put back the handlers of before training; also when training ends with an exception."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -254,6 +255,8 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
             f"disk full while writing to {out_dir}; the last complete checkpoint is intact and a rerun resumes "
             "from it once there is space"
         ) from None
+    finally:
+        stop.restore()
     if skipped and state.is_main_process:
         report_skipped(skipped, out_dir / "skipped.txt")
     if stop.requested:

@@ -134,6 +134,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", full)
     with pytest.raises(RecipeError, match=r"^disk full while writing to .*; the last complete checkpoint is intact"):
         runner.train(recipe("grpo.max_steps=6"), out)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "restored after a failed run too"
     monkeypatch.undo()
     runner.train(recipe("grpo.max_steps=6"), out)
     assert (out / "checkpoint-4.incomplete").is_dir() and steps(out) == [1, 2, 3, 4, 5, 6]
