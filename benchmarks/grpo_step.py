@@ -87,6 +87,7 @@ def smolvlm256_shaped():
 
 def one_side(shared: bool, steps: int) -> dict:
     """Train `steps` GRPO steps (after one warm-up) on one process; seconds per step and its split."""
+    # imported here, in the measuring subprocess only: the orchestrating process stays free of torch
     import torch
     from datasets import Dataset
     from datasets import Image as ImageFeature

@@ -20,8 +20,12 @@ import time
 from pathlib import Path
 
 import shapescap  # noqa: F401  (registers the shapes source and models)
-from vizer.config import RecipeError, load_recipe
+from shapescap.captions import RANKING_KINDS
+from shapescap.clip import evaluate as clip_ranking
+from shapescap.ranking import mapper_ranking
+from vizer.config import RecipeError, load_recipe, needs_mapper
 from vizer.evaluate import evaluate
+from vizer.mapper import train_recipe_mapper
 from vizer.model_ids import resolve_model_id
 from vizer.train import train
 
@@ -149,9 +153,6 @@ def seed_override(recipe: str, seed: int) -> str:
 
 def shared_mapper(recipe: str, out: Path, overrides: list[str]) -> list[str]:
     """Train a recipe's mapper once (stage A does not depend on the seed) and point every seed's run at it."""
-    from vizer.config import needs_mapper
-    from vizer.mapper import train_recipe_mapper
-
     loaded = load_recipe(recipe, overrides)
     if not needs_mapper(loaded) or loaded["mapper"]["path"]:
         return []
@@ -197,10 +198,6 @@ def method_table(results: dict[str, list[dict]], labels: dict[str, str]) -> str:
 
 def ranking_table(mappers: dict[str, Path], n: int = 200) -> str:
     """How often each scorer prefers the true caption of a held-out scene over a wrong one, per error kind."""
-    from shapescap.captions import RANKING_KINDS
-    from shapescap.clip import evaluate as clip_ranking
-    from shapescap.ranking import mapper_ranking
-
     rows = {"shapes CLIP (grounding reward)": clip_ranking(resolve_model_id("tiny:shapes-clip"), n)}
     for label, folder in mappers.items():
         rows[f"mapper {label} (latent reward)"] = mapper_ranking(folder, n)

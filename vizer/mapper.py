@@ -16,7 +16,7 @@ from accelerate import PartialState
 
 from data import build_dataset
 from data.images import UNREADABLE, to_rgb
-from rewards.latent import CONFIG, Mapper
+from rewards.latent import CONFIG
 from vizer.config import RecipeError
 from vizer.model_ids import resolve_model_id
 from vizer.models import load_model
@@ -100,7 +100,3 @@ def train_recipe_mapper(recipe: dict, folder: Path) -> Path:
         f"{report['heldout_shuffled_cosine']:.4f}) on {report['heldout_pairs']} pairs; saved to {folder}"
     )
     return folder
-
-
-def load_mapper(folder: Path, device: str = "cpu") -> Mapper:
-    return Mapper.load(folder, device)

@@ -25,10 +25,11 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from trl import GRPOConfig
 
 from data import build_dataset
+from rewards.latent import Mapper
 from vizer.caption import report_skipped
 from vizer.config import VIZER_SCHEMA, RecipeError, dump_recipe, needs_mapper
 from vizer.grpo import CaptionGRPOTrainer
-from vizer.mapper import ensure_mapper, load_mapper, mapper_dir
+from vizer.mapper import ensure_mapper, mapper_dir
 from vizer.models import load_model, lora_config
 from vizer.objective import ViZerTrainer
 from vizer.recipe_rewards import build_rewards, print_rewards
@@ -225,7 +226,7 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
         trainer = ViZerTrainer(
             model,
             args,
-            mapper=load_mapper(mapper_dir(recipe, out_dir), str(state.device)),
+            mapper=Mapper.load(mapper_dir(recipe, out_dir), str(state.device)),
             processing_class=loaded.processor,
             kl_beta=vizer["kl_beta"],
             do_sample=vizer["do_sample"],
