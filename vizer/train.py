@@ -168,7 +168,7 @@ def vision_path(setting: str | bool, model: torch.nn.Module, family: str, state:
     """Share each image's vision features across its group when that is exact; say which path runs."""
     reason = why_not_shared(model, family) if setting is not False else "model.share_vision is false"
     if reason is None:
-        share_vision(model)
+        share_vision(model, family)
         state.print("vision: each distinct image encoded once per step, shared by its group (model.share_vision)")
     elif setting is True:
         raise RecipeError(f"'model.share_vision' is true, but {reason}; set it to auto or false")
