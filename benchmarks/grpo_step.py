@@ -1,134 +1,179 @@
 """One GRPO step of a real-sized captioner, stock TRL vs group-shared vision, side by side.
 
-    python -m benchmarks.grpo_step [--repeats 2] [--steps 3]
+    python -m benchmarks.grpo_step [--model smolvlm256] [--repeats 2] [--steps 2]
+    python -m benchmarks.grpo_step --model qwen2vl2b --max-pixels 200704
+    python -m benchmarks.grpo_step --model smolvlm2b --device cuda --quant 4bit --repeats 1 --csv steps.csv
 
-The model is random with SmolVLM-256M-Base's published dimensions (speed and memory do not depend on the
-weights' values): the SmolLM2-135M decoder (hidden 576, 30 layers, 9 heads / 3 KV heads, MLP 1536, vocabulary
-49,280) and SigLIP base-patch16-512 (hidden 768, 12 layers, 12 heads, MLP 3072, 512 px tiles, patch 16), pixel
-shuffle 4: 64 image tokens per image without splitting. Source: the HuggingFaceTB/SmolVLM-256M-Base model card
-(base models SmolLM2-135M and google/siglip-base-patch16-512) and its config.json. The offline tokenizer is
-smaller than the published vocabulary, so generation is kept inside the tokenizer's ids.
+The models are random with the published dimensions of SmolVLM-256M/500M/2.2B-Base and Qwen2-VL-2B-Instruct
+(`benchmarks/real_sized.py`, which names the sources); speed and memory do not depend on the weights' values.
+The offline tokenizer is smaller than the published vocabulary, so generation is kept inside its ids.
 
-Each side runs in its own process (so peak RSS is its own); sides alternate, `repeats` times, and the
-median seconds per step (after a warm-up step) is reported with its split into generation, reward and the
-rest (log-probs and the training forward/backward).
+Each side runs in its own process (so peak memory is its own: RSS on the CPU, torch.cuda.max_memory_allocated
+on a GPU; GB here are 2^30 bytes); sides alternate, `repeats` times, and the median seconds per step (after a warm-up step) is
+reported with its split into generation, reward and the rest (log-probs and the training forward/backward).
+The shared side asks `vizer.shared_vision.why_not_shared` first; when it names a reason (e.g. a family whose
+tower cannot share), the reason goes to stderr and that side runs, and is reported, as stock.
+
+`--quant 4bit` loads the random model through bitsandbytes NF4 (vision tower and LM head unquantized, as
+`vizer.models` does for QLoRA recipes); `--csv PATH` appends one row per side; `--dry-run` builds the model,
+the LoRA trainer and the sharing decision, then exits without training.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import inspect
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 G = 8
-SMOLVLM_256M = {
-    "text": {
-        "vocab_size": 49280,
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "max_position_embeddings": 8192,
-        "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": True,
-    },
-    "vision": {
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "image_size": 512,
-        "patch_size": 16,
-    },
-    "scale_factor": 4,
-}
+MODELS = ("smolvlm256", "smolvlm500", "smolvlm2b", "qwen2vl2b")  # = benchmarks.real_sized.NAMES
+DEFAULT_MAX_PIXELS = 256 * 28 * 28
+PARTS = ("step_s", "generation_s", "reward_s", "training_s", "peak_gb")
+CSV_FIELDS = (
+    "model",
+    "quant",
+    "shared",
+    "peak_gb",
+    "step_s",
+    "generation_s",
+    "training_s",
+    "reward_s",
+    "image_tokens",
+    "device",
+    "note",
+)
 
 
-def smolvlm256_shaped():
-    """(model, processor): random weights, published dimensions, the project's offline tokenizer."""
+# ---------------------------------------------------------------------------------------------
+# One side, in its own process
+# ---------------------------------------------------------------------------------------------
+
+
+def load(options: argparse.Namespace) -> tuple[Any, Any]:
+    """(model, processor) of a real-sized model on the requested device, in bf16/fp32 or NF4."""
+    from benchmarks import real_sized
+
+    dtype = _dtype(options.device)
+    if options.quant == "none":
+        return real_sized.build(
+            options.model,
+            image_splitting=options.image_splitting,
+            max_pixels=options.max_pixels,
+            dtype=dtype,
+            device=options.device,
+        )
+    processor = real_sized.build_processor(
+        options.model, image_splitting=options.image_splitting, max_pixels=options.max_pixels
+    )
+    processor.tokenizer.padding_side = "left"
+    return _load_quantized(options, processor, dtype), processor
+
+
+def _dtype(device: str):
     import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
 
-    from vizer.tiny import IDEFICS3_CHAT_TEMPLATE, idefics3_tokenizer
-
-    side, dims = SMOLVLM_256M["vision"]["image_size"], SMOLVLM_256M
-    image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=False, size={"longest_edge": side}, max_image_size={"longest_edge": side}
-    )
-    tokens = (side // dims["vision"]["patch_size"]) ** 2 // dims["scale_factor"] ** 2
-    processor = Idefics3Processor(
-        image_processor, idefics3_tokenizer(), image_seq_len=tokens, chat_template=IDEFICS3_CHAT_TEMPLATE
-    )
-    tok = processor.tokenizer
-    eos, pad = tok.convert_tokens_to_ids("<end_of_utterance>"), tok.convert_tokens_to_ids("<|im_end|>")
-    config = Idefics3Config(
-        text_config={"model_type": "llama", **dims["text"], "eos_token_id": eos, "pad_token_id": pad},
-        vision_config=dims["vision"],
-        scale_factor=dims["scale_factor"],
-        image_token_id=processor.image_token_id,
-        pad_token_id=pad,
-    )
-    torch.manual_seed(0)
-    model = Idefics3ForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, pad
-    return model, processor
+    # bf16 where the GPU supports it (what the recipes' dtype: auto picks); fp32 on the CPU
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
-def one_side(shared: bool, steps: int) -> dict:
-    """Train `steps` GRPO steps (after one warm-up) on one process; seconds per step and its split."""
-    # imported here, in the measuring subprocess only: the orchestrating process stays free of torch
-    import torch
+def _load_quantized(options: argparse.Namespace, processor: Any, dtype: Any) -> Any:
+    # bitsandbytes quantizes while a checkpoint loads: save the random model once, then load it as a recipe would
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText
+
+    from benchmarks import real_sized
+    from vizer.families import FAMILIES
+    from vizer.models import quantization_config
+
+    folder = _random_checkpoint(options.model, processor, dtype, options.device)
+    quant = quantization_config(options.quant, dtype, FAMILIES[real_sized.family(options.model)])
+    device_map = {"": 0 if options.device == "cuda" else options.device}
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, quantization_config=quant, dtype=dtype, device_map=device_map
+    )
+    _keep_4bit_layout(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _random_checkpoint(name: str, processor: Any, dtype: Any, device: str) -> Path:
+    """A saved random model (cached per model, dtype and tokenizer) for the quantized loads."""
+    from benchmarks import real_sized
+    from vizer.tiny import build_once
+
+    root = Path(os.environ.get("VIZER_BENCH_CACHE", "/tmp/vizer-real-sized"))
+    target = root / f"{name}-{str(dtype).removeprefix('torch.')}-{len(processor.tokenizer)}"
+
+    def save(tmp: Path) -> None:
+        config = real_sized.build_config(name, processor)
+        model = real_sized.build_model(name, config, dtype=dtype, device=device)
+        model.save_pretrained(tmp)
+        (tmp / "done.json").write_text("{}")
+
+    return build_once(target, save, marker="done.json")
+
+
+def _keep_4bit_layout(model: Any) -> None:
+    # CPU only: bitsandbytes repacks 4-bit weights in place during an eval-mode forward on CPUs with
+    # AVX512-BF16, which breaks every later training forward (same guard as vizer.models)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def picture(scene: Any, size: tuple[int, int]) -> Any:
+    """A ShapesCap scene drawn at `size` (width, height)."""
+    from shapescap.scenes import render
+
+    return render(scene, max(size)).resize(size)
+
+
+def train_rows(count: int, size: tuple[int, int]) -> Any:
+    """One distinct image per step (so no step can reuse another's features), each with a caption prompt."""
     from datasets import Dataset
     from datasets import Image as ImageFeature
-    from transformers import TrainerCallback
-    from trl import GRPOConfig
 
     from data.sources import conversational_prompt
-    from shapescap.scenes import render, shapes_scenes
-    from vizer.families import IDEFICS3, language_lora_targets
-    from vizer.grpo import CaptionGRPOTrainer
-    from vizer.models import lora_config
-    from vizer.objective import suppressed_ids
-    from vizer.shared_vision import share_vision
+    from shapescap.scenes import shapes_scenes
 
-    torch.set_num_threads(2)
-    model, processor = smolvlm256_shaped()
-    scenes = shapes_scenes("validation", steps + 1)
-    rows = Dataset.from_dict(
-        {"image": [render(s, 512) for s in scenes], "image_id": [str(i) for i in range(len(scenes))]}
-    )
-    rows = rows.cast_column("image", ImageFeature()).map(
+    scenes = shapes_scenes("validation", count)
+    rows = Dataset.from_dict({"image": [picture(s, size) for s in scenes], "image_id": [str(i) for i in range(count)]})
+    return rows.cast_column("image", ImageFeature()).map(
         lambda _: {"prompt": conversational_prompt("Describe this image.")}
     )
 
-    timing = {"generation": [], "reward": [], "step": []}
 
-    def length(completions, **kwargs):
-        start = time.perf_counter()
-        out = [float(len(c[0]["content"].split())) for c in completions]
-        timing["reward"].append(time.perf_counter() - start)
-        return out
+def grpo_args(options: argparse.Namespace, model: Any, processor: Any) -> Any:
+    import torch
+    from trl import GRPOConfig
 
-    vocab = len(processor.tokenizer)
-    args = GRPOConfig(
+    from benchmarks import real_sized
+    from vizer.objective import suppressed_ids
+
+    on_gpu = options.device.startswith("cuda")
+    return GRPOConfig(
         output_dir="/tmp/vizer-bench-grpo",
         per_device_train_batch_size=G,  # one image x G captions per step
         num_generations=G,
         max_completion_length=16,
-        max_steps=steps + 1,
+        max_steps=options.steps + 1,
         learning_rate=1e-5,
-        bf16=False,
+        bf16=_dtype(options.device) == torch.bfloat16,
+        use_cpu=not on_gpu,
         gradient_checkpointing=False,
         report_to=[],
         save_strategy="no",
@@ -139,25 +184,94 @@ def one_side(shared: bool, steps: int) -> dict:
         generation_kwargs={
             "suppress_tokens": [
                 *suppressed_ids(model, processor.tokenizer),
-                *range(vocab, SMOLVLM_256M["text"]["vocab_size"]),
+                *real_sized.unused_vocab(options.model, processor),
             ]
         },
     )
-    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "language", "enabled": True}
-    peft = lora_config(lora, model, IDEFICS3)
-    assert peft.target_modules == language_lora_targets(model, IDEFICS3)
+
+
+def one_side(
+    shared: bool,
+    steps: int,
+    *,
+    model: str = "smolvlm256",
+    image_splitting: bool = False,
+    max_pixels: int | None = None,
+    device: str = "cpu",
+    quant: str = "none",
+    image_size: tuple[int, int] = (512, 512),
+    dry_run: bool = False,
+) -> dict:
+    """Train `steps` GRPO steps (after one warm-up) in this process; seconds per step and its split."""
+    options = argparse.Namespace(
+        model=model,
+        image_splitting=image_splitting,
+        max_pixels=max_pixels,
+        device=device,
+        quant=quant,
+        steps=steps,
+        image_size=image_size,
+        dry_run=dry_run,
+    )
+    return _run_side(shared, options)
+
+
+def _run_side(shared: bool, options: argparse.Namespace) -> dict:
+    # imported here, in the measuring subprocess only: the orchestrating process stays free of torch
+    import torch
+
+    from benchmarks import real_sized
+
+    if not options.device.startswith("cuda"):
+        torch.set_num_threads(2)  # as on the 2-core CI machine; a fresh process starts its GPU peak at zero
+    model, processor = load(options)
+    rows = train_rows(options.steps + 1, options.image_size)
+    tokens = real_sized.image_tokens(processor, rows[0]["image"])
+    timing: dict[str, list[float]] = {"generation": [], "reward": [], "step": []}
+    trainer = _trainer(options, model, processor, rows, timing)
+    fallback, hook = _share(trainer, options.model, shared)
+    result = {"path": "stock" if hook is None else "shared", "fallback": fallback, "image_tokens": tokens}
+    if options.dry_run:
+        # no steps: the peak is that of building (weights, LoRA, trainer)
+        built = {**dict.fromkeys(PARTS, 0.0), "peak_gb": _peak_gb(options.device)}
+        return {**result, "parameters": real_sized.parameter_count(model), **built}
+    trainer.train()
+    return {**result, **_summary(timing, options.device), "tiles_encoded": getattr(hook, "tiles_encoded", None)}
+
+
+def _trainer(options: argparse.Namespace, model: Any, processor: Any, rows: Any, timing: dict) -> Any:
+    from transformers import TrainerCallback
+
+    from benchmarks import real_sized
+    from vizer.families import FAMILIES, language_lora_targets
+    from vizer.grpo import CaptionGRPOTrainer
+    from vizer.models import lora_config
+
+    sync = _synchronizer(options.device)
+
+    def length(completions, **kwargs):
+        start = time.perf_counter()
+        out = [float(len(c[0]["content"].split())) for c in completions]
+        timing["reward"].append(time.perf_counter() - start)
+        return out
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            sync()
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync()
             timing["step"].append(time.perf_counter() - self.start)
 
+    family = FAMILIES[real_sized.family(options.model)]
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "language", "enabled": True}
+    peft = lora_config(lora, model, family)
+    assert peft.target_modules == language_lora_targets(model, family)
     trainer = CaptionGRPOTrainer(
         model=model,
         reward_funcs=[length],
-        args=args,
+        args=grpo_args(options, model, processor),
         train_dataset=rows,
         processing_class=processor,
         peft_config=peft,
@@ -166,14 +280,42 @@ def one_side(shared: bool, steps: int) -> dict:
     generate = trainer._generate_single_turn
 
     def timed_generate(*a, **k):
+        sync()
         start = time.perf_counter()
         out = generate(*a, **k)
+        sync()
         timing["generation"].append(time.perf_counter() - start)
         return out
 
     trainer._generate_single_turn = timed_generate
-    hook = share_vision(trainer.model) if shared else None
-    trainer.train()
+    return trainer
+
+
+def _synchronizer(device: str):
+    import torch
+
+    # GPU kernels run asynchronously: wait for them at every clock reading
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def _share(trainer: Any, name: str, shared: bool) -> tuple[str | None, Any]:
+    """(reason the shared side runs stock, installed hook); the decision is vizer.shared_vision's."""
+    if not shared:
+        return None, None
+    from benchmarks import real_sized
+    from vizer.shared_vision import share_vision, why_not_shared
+
+    reason = why_not_shared(trainer.model, real_sized.family(name))
+    if reason:
+        print(f"grpo_step: {name}: the shared side runs the stock path: {reason}", file=sys.stderr, flush=True)
+        return reason, None
+    family = real_sized.family(name)
+    # vizer.shared_vision takes the family where it supports more than one (Qwen2-VL's tower is cut differently)
+    takes_family = "family" in inspect.signature(share_vision).parameters
+    return None, share_vision(trainer.model, family=family) if takes_family else share_vision(trainer.model)
+
+
+def _summary(timing: dict, device: str) -> dict:
     keep = slice(1, None)  # the first step pays one-off costs
     step, gen, reward = (statistics.median(timing[k][keep]) for k in ("step", "generation", "reward"))
     return {
@@ -181,45 +323,134 @@ def one_side(shared: bool, steps: int) -> dict:
         "generation_s": gen,
         "reward_s": reward,
         "training_s": step - gen - reward,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "tiles_encoded": hook.tiles_encoded if hook else None,
+        "peak_gb": _peak_gb(device),
     }
+
+
+def _peak_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def append_csv(path: Path, options: argparse.Namespace, side: str, result: dict) -> None:
+    """One row per side; the header is written with the first row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    row = {
+        "model": label(options),
+        "quant": options.quant,
+        "shared": "yes" if result["path"] == "shared" else ("no" if side == "stock" else "fallback"),
+        **{k: f"{result[k]:.4f}" for k in ("peak_gb", "step_s", "generation_s", "training_s", "reward_s")},
+        "image_tokens": result["image_tokens"],
+        "device": options.device,
+        "note": result.get("fallback") or ("dry run" if options.dry_run else ""),
+    }
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration: alternate the sides, one process each
+# ---------------------------------------------------------------------------------------------
+
+
+def label(options: argparse.Namespace) -> str:
+    """The model name in result names; non-default image settings are spelled out."""
+    name = options.model
+    if options.image_splitting and not name.startswith("qwen"):
+        name += "_split"
+    if name.startswith("qwen") and options.max_pixels not in (None, DEFAULT_MAX_PIXELS):
+        name += f"_px{options.max_pixels // (28 * 28)}"
+    if tuple(options.image_size) != (512, 512):
+        name += f"_{options.image_size[0]}x{options.image_size[1]}"
+    return name
+
+
+def side_command(options: argparse.Namespace, side: str) -> list[str]:
+    command = [sys.executable, "-m", "benchmarks.grpo_step", "--side", side, "--model", options.model]
+    command += ["--steps", str(options.steps), "--device", options.device, "--quant", options.quant]
+    command += ["--image-size", f"{options.image_size[0]}x{options.image_size[1]}"]
+    if options.image_splitting:
+        command.append("--image-splitting")
+    if options.max_pixels is not None:
+        command += ["--max-pixels", str(options.max_pixels)]
+    if options.csv:
+        command += ["--csv", str(options.csv)]
+    if options.dry_run:
+        command.append("--dry-run")
+    return command
+
+
+def run_side(options: argparse.Namespace, side: str) -> dict:
+    """One side in a fresh process; its stderr passes through (the fallback reason, errors)."""
+    out = subprocess.run(side_command(options, side), stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(options: argparse.Namespace) -> dict[str, float]:
+    runs: dict[str, list[dict]] = {"stock": [], "shared": []}
+    for _ in range(options.repeats):
+        for side in runs:  # alternate, so a noisy machine slows both alike
+            runs[side].append(run_side(options, side))
+    med = {side: {k: statistics.median(r[k] for r in rs) for k in PARTS} for side, rs in runs.items()}
+    name = label(options)
+    memory = "peak_gpu_ratio" if options.device.startswith("cuda") else "peak_rss_ratio"
+    results = {
+        f"grpo_step_speedup_{name}": _ratio(med["stock"]["step_s"], med["shared"]["step_s"]),
+        f"grpo_{memory}_{name}": _ratio(med["stock"]["peak_gb"], med["shared"]["peak_gb"]),
+    }
+    for side, rs in runs.items():
+        for part in PARTS:
+            results[f"grpo_{side}_{part}_{name}"] = med[side][part]
+        results[f"grpo_{side}_image_tokens_{name}"] = float(rs[0]["image_tokens"])
+    return results
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height or width)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.grpo_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="smolvlm256")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--image-splitting", action="store_true", help="SmolVLM: tiles plus a global view")
+    parser.add_argument(
+        "--max-pixels", type=int, default=None, help=f"Qwen2-VL image pixel bound (default {DEFAULT_MAX_PIXELS})"
+    )
+    parser.add_argument("--image-size", type=_size, default=(512, 512), help="picture WIDTHxHEIGHT (default 512x512)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quant", choices=["none", "4bit"], default="none", help="4bit: bitsandbytes NF4 (QLoRA)")
+    parser.add_argument("--csv", type=Path, help="append one row per side to this CSV file")
+    parser.add_argument("--dry-run", action="store_true", help="build model, trainer and sharing decision; no steps")
+    parser.add_argument("--side", choices=["stock", "shared"], help=argparse.SUPPRESS)  # one side, in a subprocess
+    options = parser.parse_args(argv)
+    if options.steps < 1:
+        parser.error("--steps must be at least 1 (use --dry-run to build without training)")
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.grpo_step", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
-    parser.add_argument("--side", choices=["stock", "shared"], help=argparse.SUPPRESS)  # one side, in a subprocess
-    args = parser.parse_args(argv)
-    if args.side:
-        print(json.dumps(one_side(args.side == "shared", args.steps)))
+    options = parse(argv)
+    if options.side:
+        result = _run_side(options.side == "shared", options)
+        if options.csv:
+            append_csv(options.csv, options, options.side, result)
+        print(json.dumps(result))
         return 0
-    runs: dict[str, list[dict]] = {"stock": [], "shared": []}
-    for _ in range(args.repeats):
-        for side in runs:  # alternate, so a noisy machine slows both alike
-            out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.grpo_step", "--side", side, "--steps", str(args.steps)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    med = {
-        side: {
-            k: statistics.median(r[k] for r in rs)
-            for k in ("step_s", "generation_s", "reward_s", "training_s", "peak_rss_gb")
-        }
-        for side, rs in runs.items()
-    }
-    results = {
-        "grpo_step_speedup_smolvlm256": med["stock"]["step_s"] / med["shared"]["step_s"],
-        "grpo_peak_rss_ratio_smolvlm256": med["stock"]["peak_rss_gb"] / med["shared"]["peak_rss_gb"],
-    }
-    for side in runs:
-        for part in ("step_s", "generation_s", "reward_s", "training_s", "peak_rss_gb"):
-            results[f"grpo_{side}_{part}_smolvlm256"] = med[side][part]
-    for name, value in results.items():
+    for name, value in compare(options).items():
         print(f"{name}: {value:.3f}", flush=True)
     return 0
 

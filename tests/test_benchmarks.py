@@ -1,0 +1,113 @@
+"""The real-sized benchmark models have the published sizes, and their processors the published image tokens.
+
+The models are built on the meta device (shapes only, nothing allocated), so a wrong dimension in
+benchmarks/real_sized.py (say 12 decoder layers instead of 30) shows up as a wrong parameter count.
+"""
+
+import argparse
+import csv
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import grpo_step, real_sized
+
+# Published sizes: the name of each checkpoint, and its model.safetensors size on the hub (bf16, 2 bytes per
+# parameter): SmolVLM-256M-Base 513 MB, SmolVLM-500M-Base 1.02 GB, SmolVLM-Base 4.49 GB; Qwen2-VL-2B-Instruct
+# 2.209B parameters (open VLM leaderboard request for Qwen/Qwen2-VL-2B-Instruct).
+HEADLINE = {"smolvlm256": 0.256e9, "smolvlm500": 0.5e9, "smolvlm2b": 2.2e9, "qwen2vl2b": 2.2e9}
+WEIGHT_FILES = {"smolvlm256": 513e6 / 2, "smolvlm500": 1.02e9 / 2, "smolvlm2b": 4.49e9 / 2, "qwen2vl2b": 2.209e9}
+
+
+@pytest.fixture(scope="module")
+def processors() -> dict:
+    return {name: real_sized.build_processor(name) for name in real_sized.NAMES}
+
+
+@pytest.fixture(scope="module")
+def parameters(processors) -> dict:
+    counts = {}
+    for name, processor in processors.items():
+        model = real_sized.build_model(name, real_sized.build_config(name, processor), device="meta")
+        assert next(model.parameters()).device == torch.device("meta")
+        counts[name] = real_sized.parameter_count(model)
+    return counts
+
+
+@pytest.mark.parametrize("name", real_sized.NAMES)
+def test_parameter_count_matches_the_published_size(name, parameters):
+    assert parameters[name] == pytest.approx(HEADLINE[name], rel=0.10)
+    assert parameters[name] == pytest.approx(WEIGHT_FILES[name], rel=0.02)
+
+
+def test_a_wrong_dimension_changes_the_count(processors, monkeypatch):
+    dims = real_sized.CONFIGS["smolvlm256"]
+    monkeypatch.setitem(real_sized.CONFIGS, "smolvlm256", {**dims, "text": {**dims["text"], "num_hidden_layers": 12}})
+    config = real_sized.build_config("smolvlm256", processors["smolvlm256"])
+    model = real_sized.build_model("smolvlm256", config, device="meta")
+    assert real_sized.parameter_count(model) != pytest.approx(HEADLINE["smolvlm256"], rel=0.10)
+
+
+@pytest.mark.parametrize("name", ["smolvlm256", "smolvlm500", "smolvlm2b"])
+def test_smolvlm_heads_are_64_wide_with_grouped_kv(name):
+    # published: head_dim 64 in every SmolVLM text_config; SmolLM2-135M/360M use 3:1 grouped-query attention
+    text = real_sized.CONFIGS[name]["text"]
+    assert text["hidden_size"] // text["num_attention_heads"] == 64
+    assert text["num_attention_heads"] // text["num_key_value_heads"] == (1 if name == "smolvlm2b" else 3)
+
+
+def test_qwen2vl_mrope_covers_half_the_head():
+    text = real_sized.QWEN2VL_2B["text"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    assert head_dim == 128
+    assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2
+
+
+@pytest.mark.parametrize(("name", "tokens"), [("smolvlm256", 64), ("smolvlm500", 64), ("smolvlm2b", 81)])
+def test_smolvlm_image_tokens_without_splitting(name, tokens, processors):
+    for size in ((512, 512), (1024, 768)):
+        assert real_sized.image_tokens(processors[name], Image.new("RGB", size, "red")) == tokens
+    assert real_sized.tile_tokens(real_sized.CONFIGS[name]) == tokens
+
+
+def test_qwen2vl_image_tokens_stay_under_the_bound(processors):
+    processor = processors["qwen2vl2b"]  # built with max_pixels 256*28*28
+    for size in ((512, 512), (1024, 768), (2000, 300)):
+        assert 0 < real_sized.image_tokens(processor, Image.new("RGB", size, "red")) <= 256
+
+
+def test_generation_is_kept_inside_the_offline_tokenizer(processors):
+    for name, processor in processors.items():
+        unused = real_sized.unused_vocab(name, processor)
+        assert unused.start == len(processor.tokenizer) < unused.stop == real_sized.published_vocab(name)
+
+
+def test_default_result_names_are_kept(monkeypatch):
+    side = {"step_s": 2.0, "generation_s": 1.0, "reward_s": 0.0, "training_s": 1.0, "peak_gb": 4.0}
+    steps = {"stock": dict(side, step_s=8.0, image_tokens=64), "shared": dict(side, image_tokens=64)}
+    monkeypatch.setattr(grpo_step, "run_side", lambda options, name: steps[name])
+    results = grpo_step.compare(grpo_step.parse(["--repeats", "1"]))
+    assert results["grpo_step_speedup_smolvlm256"] == 4.0
+    assert results["grpo_shared_image_tokens_smolvlm256"] == 64
+    assert "grpo_peak_rss_ratio_smolvlm256" in results
+    other = grpo_step.compare(grpo_step.parse(["--model", "qwen2vl2b", "--max-pixels", str(1024 * 28 * 28)]))
+    assert "grpo_step_speedup_qwen2vl2b_px1024" in other
+
+
+def test_side_command_passes_the_settings_on():
+    options = grpo_step.parse(["--model", "smolvlm2b", "--image-splitting", "--device", "cuda", "--quant", "4bit"])
+    command = grpo_step.side_command(options, "shared")
+    assert command[command.index("--side") + 1] == "shared"
+    assert {"--image-splitting", "cuda", "4bit", "smolvlm2b"} <= set(command)
+
+
+def test_a_fallback_side_is_reported_as_stock(tmp_path):
+    options = argparse.Namespace(
+        model="qwen2vl2b", quant="4bit", device="cuda", dry_run=False, image_splitting=False, max_pixels=None
+    )
+    options.image_size = (512, 512)
+    result = {"path": "stock", "fallback": "no tower", "image_tokens": 256, **dict.fromkeys(grpo_step.PARTS, 1.0)}
+    grpo_step.append_csv(tmp_path / "steps.csv", options, "shared", result)
+    (row,) = csv.DictReader((tmp_path / "steps.csv").open())
+    assert (row["model"], row["shared"], row["note"]) == ("qwen2vl2b", "fallback", "no tower")
