@@ -13,17 +13,27 @@ OFFLINE    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 RUN        ?= outputs/$(RECIPE)
 ADAPTER    ?= $(RUN)/adapter
 IMAGES     ?=
+REPO       ?=
+# GPUS=N (N > 1) or ACCELERATE=<profile> launches through `accelerate launch` with recipes/accelerate/<profile>.yaml
+GPUS       ?= 1
+ACCELERATE ?= $(if $(filter 1,$(GPUS)),,ddp)
+ACCELERATE_ARGS ?=
+LAUNCH     := $(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(ACCELERATE).yaml \
+                --num_processes $(GPUS) $(ACCELERATE_ARGS) -m vizer,$(PY) -m vizer)
 
-.PHONY: help venv lint test test-all train mapper eval caption check bench demo clean
+.PHONY: help venv lint test test-all train mapper eval caption check merge push bench demo clean
 
 help:
 	@echo "make test                              lint, then the offline test suite (CPU)"
 	@echo "make lint                              ruff check + ruff format --check"
-	@echo "make train RECIPE=<name> [OUT=dir] [ARGS='key.sub=value ...']"
+	@echo "make train RECIPE=<name> [OUT=dir] [ARGS='key.sub=value ...'] [GPUS=N] [ACCELERATE=<profile>]"
+	@echo "                                       GPUS>1 launches with accelerate (profiles: recipes/accelerate/)"
 	@echo "make mapper RECIPE=<name> [OUT=dir]    ViZer stage A: OUT/mapper (make train runs it first when needed)"
 	@echo "make eval RUN=<dir> [ARGS=...]          base vs tuned captions: RUN/eval/results.{json,md}, gallery.html"
 	@echo "make caption ADAPTER=<dir> IMAGES=<folder>   captions.jsonl for a folder of images"
 	@echo "make check RECIPE=<name> [ARGS=...]    validate a recipe without loading models"
+	@echo "make merge RUN=<dir>                   RUN/merged: the adapter merged into the full-precision base"
+	@echo "make push RUN=<dir> REPO=<id> [ARGS=--merged]  upload the adapter (or merged model) with a model card"
 	@echo "make bench                             benchmarks, one 'name: value' line each"
 	@echo "make demo [ARGS='--seeds 0 1 2 --ablation']   ShapesCap: zero-label GRPO end to end, offline on CPU"
 
@@ -50,7 +60,7 @@ test-all: venv
 	$(OFFLINE) $(PY) -m pytest -q
 
 train: venv
-	$(PY) -m vizer train $(RECIPE) --out $(OUT) $(ARGS)
+	$(LAUNCH) train $(RECIPE) --out $(OUT) $(ARGS)
 
 eval: venv
 	$(PY) -m vizer eval $(RUN) $(ARGS)
@@ -63,6 +73,13 @@ mapper: venv
 
 check: venv
 	$(PY) -m vizer check $(RECIPE) $(ARGS)
+
+merge: venv
+	$(PY) -m vizer merge $(RUN) $(ARGS)
+
+push: venv
+	@test -n "$(REPO)" || { echo "make push: set REPO=<user>/<name> (the Hugging Face Hub repository)" >&2; exit 2; }
+	$(PY) -m vizer push $(RUN) --repo $(REPO) $(ARGS)
 
 bench: venv
 	$(OFFLINE) $(PY) -m benchmarks

@@ -1,4 +1,4 @@
-"""Command line: `python -m vizer train|check|eval|caption ...` (see `python -m vizer -h`)."""
+"""Command line: `python -m vizer train|check|eval|caption|merge|push ...` (see `python -m vizer -h`)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ def _train(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
-    from vizer.train import training_args  # heavy imports only after the recipe is known to be valid
+    from vizer.train import trainer_settings, training_args  # heavy imports only once the recipe is valid
 
     with tempfile.TemporaryDirectory() as out:  # builds the trainer's config as `make train` would, writes nothing
-        training_args(recipe, Path(out))
+        training_args(recipe, Path(out), args.processes)
+    plan = trainer_settings(recipe, args.processes)[1]
     print(f"{args.recipe}: ok ({recipe['model']['id']}, {len(recipe['rewards'])} rewards)")
+    if plan is not None:
+        print(plan.describe())
 
 
 def _mapper(args: argparse.Namespace) -> None:
@@ -54,6 +57,18 @@ def _caption(args: argparse.Namespace) -> None:
     caption_folder(adapter, images, out, prompt=args.prompt)
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from vizer.export import merge  # heavy imports (torch, transformers) only for the command that runs
+
+    merge(Path(args.run), Path(args.out) if args.out else None)
+
+
+def _push(args: argparse.Namespace) -> None:
+    from vizer.export import push
+
+    push(Path(args.run), args.repo, merged=args.merged, private=args.private)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vizer", description="Zero-label caption enhancement for VLMs with GRPO.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -69,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_mapper)
     c = sub.add_parser("check", help="validate a recipe without loading any model")
     c.add_argument("recipe")
+    c.add_argument("--processes", type=int, default=1, help="check the batch split for this many processes (GPUs)")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=_check)
     e = sub.add_parser(
@@ -87,6 +103,16 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--out", help="captions.jsonl to write (default: beside the adapter, ADAPTER/../captions.jsonl)")
     k.add_argument("--prompt", help="prompt (default: the run's recipe prompt)")
     k.set_defaults(func=_caption)
+    g = sub.add_parser("merge", help="merge a run's adapter into its full-precision base model: RUN/merged")
+    g.add_argument("run", help="a finished run directory (holds recipe.yaml and adapter/)")
+    g.add_argument("--out", help="folder to write (default RUN/merged)")
+    g.set_defaults(func=_merge)
+    u = sub.add_parser("push", help="upload a run's adapter (or merged model) with a model card to the Hub")
+    u.add_argument("run", help="a finished run directory (holds recipe.yaml and adapter/)")
+    u.add_argument("--repo", required=True, help="Hub repository id, e.g. user/smolvlm-captions")
+    u.add_argument("--merged", action="store_true", help="upload RUN/merged (merged first when missing or stale)")
+    u.add_argument("--private", action="store_true", help="create the repository as private")
+    u.set_defaults(func=_push)
     return p
 
 

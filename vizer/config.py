@@ -90,10 +90,16 @@ MAPPER_SCHEMA: dict[str, tuple[tuple, Any]] = {
 }
 # Stage B of ViZer: its own knobs; every other key is a transformers.TrainingArguments field.
 VIZER_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "images_per_step": ((int,), None),  # global, split over processes (vizer/scale.py); else per-device keys
     "kl_beta": (_NUM, 0.0),  # KL(policy || base) on the caption tokens; the paper uses none
     "do_sample": ((bool,), True),  # sample the caption to align (else greedy)
     "temperature": (_NUM, 1.0),
     "max_new_tokens": ((int,), 48),
+}
+# GRPO: the runner's own keys; every other key is a trl.GRPOConfig field.
+GRPO_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "images_per_step": ((int,), None),  # images per optimizer step over all processes, G captions each
+    "vllm_force": ((bool,), False),  # run use_vllm where it is known to be wrong (vizer/scale.py says why)
 }
 TOP_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "plugins": ((list,), []),  # modules imported first; they register data sources and local models
@@ -140,6 +146,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     ),
     "mapper.heldout_fraction": _NON_NEGATIVE,
     **dict.fromkeys(("vizer.kl_beta",), _NON_NEGATIVE),
+    **dict.fromkeys(("grpo.images_per_step", "vizer.images_per_step"), _POSITIVE),
     **dict.fromkeys(("vizer.temperature", "vizer.max_new_tokens"), _POSITIVE),
 }
 # The same for trainer fields, in both the grpo: and the vizer: sections.
@@ -351,7 +358,7 @@ def validate(raw: dict) -> dict:
     from transformers import TrainingArguments  # heavy: imported once the cheap checks passed
     from trl import GRPOConfig
 
-    recipe["grpo"] = _check_fields(recipe["grpo"], GRPOConfig, "grpo")
+    recipe["grpo"] = _check_fields(recipe["grpo"], GRPOConfig, "grpo", own=GRPO_SCHEMA)
     recipe["vizer"] = _check_fields(recipe["vizer"], TrainingArguments, "vizer", own=VIZER_SCHEMA)
     recipe["eval"] = _check_section(recipe["eval"], EVAL_SCHEMA, "eval.")
     steps = recipe["vizer"] if recipe["objective"] == "vizer" else recipe["grpo"]

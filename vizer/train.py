@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from peft import get_peft_model
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from trl import GRPOConfig
@@ -27,9 +28,11 @@ from trl import GRPOConfig
 from data import build_dataset
 from rewards.latent import Mapper
 from vizer.caption import report_skipped
-from vizer.config import VIZER_SCHEMA, RecipeError, dump_recipe, needs_mapper
+from vizer.config import GRPO_SCHEMA, VIZER_SCHEMA, RecipeError, dump_recipe, needs_mapper
+from vizer.families import detect_family
 from vizer.grpo import CaptionGRPOTrainer
 from vizer.mapper import ensure_mapper, mapper_dir
+from vizer.model_ids import resolve_model_id
 from vizer.models import load_model, lora_config
 from vizer.objective import ViZerTrainer
 from vizer.recipe_rewards import build_rewards, print_rewards
@@ -41,17 +44,26 @@ from vizer.run_dir import (
     record_changes,
     trim_metrics,
 )
+from vizer.scale import (
+    BatchPlan,
+    batch_settings,
+    check_generation_groups,
+    check_launch,
+    check_vllm,
+    hardware,
+    report_to,
+)
 from vizer.shared_vision import share_vision, why_not_shared
 
 # TRL still passes the old name to transformers; the message says nothing the user can act on.
 warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*is deprecated", category=FutureWarning)
 
-# Runner defaults, each overridable from the recipe's grpo: section.
+# Runner defaults, each overridable from the recipe's grpo: section (report_to: TensorBoard, + W&B when
+# WANDB_PROJECT is set).
 GRPO_DEFAULTS = {
     "logging_steps": 1,
     "save_strategy": "steps",
     "save_steps": 50,
-    "report_to": ["tensorboard"],
     "log_completions": True,
     "num_completions_to_print": 2,
     "remove_unused_columns": False,
@@ -61,7 +73,6 @@ VIZER_DEFAULTS = {
     "logging_steps": 1,
     "save_strategy": "steps",
     "save_steps": 50,
-    "report_to": ["tensorboard"],
     "remove_unused_columns": False,
     "weight_decay": 0.01,
     "num_train_epochs": 1,
@@ -91,28 +102,37 @@ def _bf16(recipe: dict, section: dict) -> bool:
     )
 
 
-def training_args(recipe: dict, out_dir: Path) -> GRPOConfig | TrainingArguments:
-    """The trainer's config object, built as the run will build it (so `make check` catches its errors too)."""
+def trainer_settings(recipe: dict, processes: int) -> tuple[dict, BatchPlan | None]:
+    """The objective's section with runner defaults, its own keys dropped and the global batch split per process."""
     if recipe["objective"] == "vizer":
-        settings = {**VIZER_DEFAULTS, **{k: v for k, v in recipe["vizer"].items() if k not in VIZER_SCHEMA}}
-        settings["bf16"] = _bf16(recipe, recipe["vizer"])
+        section, schema, defaults, group = recipe["vizer"], VIZER_SCHEMA, VIZER_DEFAULTS, 1
+    else:
+        section, schema, defaults = recipe["grpo"], GRPO_SCHEMA, GRPO_DEFAULTS
+        group = section.get("num_generations") or GRPOConfig.__dataclass_fields__["num_generations"].default
+    own = {k: v for k, v in section.items() if k not in schema or k == "images_per_step"}
+    settings, plan = batch_settings({**defaults, **own}, group, processes, recipe["objective"])
+    settings["bf16"] = _bf16(recipe, section)
+    settings.setdefault("report_to", report_to())
+    return settings, plan
+
+
+def training_args(recipe: dict, out_dir: Path, processes: int | None = None) -> GRPOConfig | TrainingArguments:
+    """The trainer's config object, built as the run will build it (so `make check` catches its errors too).
+    `processes` defaults to this launch's process count; the global batch is split over it."""
+    processes = processes or PartialState().num_processes
+    settings, _ = trainer_settings(recipe, processes)
+    if recipe["objective"] == "vizer":
         try:
             return TrainingArguments(output_dir=str(out_dir), **settings)
         except (ValueError, TypeError) as err:
             raise RecipeError(f"vizer: {str(err).splitlines()[0]}") from None
-    settings = {**GRPO_DEFAULTS, **recipe["grpo"]}
     settings["reward_weights"] = [float(e.get("weight", 1.0)) for e in recipe["rewards"]]
-    settings["bf16"] = _bf16(recipe, recipe["grpo"])
     try:
         args = GRPOConfig(output_dir=str(out_dir), **settings)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"grpo: {str(err).splitlines()[0]}") from None
-    local_batch = args.generation_batch_size // max(args.world_size, 1)
-    if args.world_size > 1 and local_batch % args.num_generations:
-        raise RecipeError(
-            f"grpo: each process's generation batch ({local_batch}) must be a multiple of "
-            f"num_generations ({args.num_generations}) so that a caption group stays on one process"
-        )
+    # per process, from TRL's own world size (a `make check --processes N` builds the config in one process)
+    check_generation_groups(args.generation_batch_size // args.world_size, args.num_generations, "grpo")
     return args
 
 
@@ -179,8 +199,17 @@ def vision_path(setting: str | bool, model: torch.nn.Module, family: str, state:
 def train(recipe: dict, out_dir: Path) -> Path:
     """Train and return OUT/adapter. Under `accelerate launch`, only the main process prints and writes
     OUT's own files (recipe.yaml, metrics.jsonl, mapper/); the others stay quiet."""
-    state = PartialState()
-    args = training_args(recipe, out_dir)  # before any model loads: a bad section fails in a second
+    # ACCELERATE_USE_CPU=true: CPU processes under torchrun (gloo), e.g. the multi-process test
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_launch(recipe["model"]["quantization"])
+    args = training_args(recipe, out_dir, state.num_processes)  # before any model loads: fails in a second
+    grpo = recipe["grpo"]
+    if recipe["objective"] == "grpo" and grpo.get("use_vllm"):
+        family = detect_family(resolve_model_id(recipe["model"]["id"]), recipe["model"]["family"])
+        check_vllm(True, family.name, recipe["model"]["quantization"], grpo["vllm_force"])
+    plan = trainer_settings(recipe, state.num_processes)[1]
+    if plan is not None:
+        state.print(plan.describe())
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(f"OUT {out_dir} is a file, not a directory")
     if state.is_main_process:
@@ -204,6 +233,7 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
             if allowed:
                 record_changes(out_dir, allowed, yaml.safe_load(saved.read_text()), recipe)
             dump_recipe(recipe, saved)
+            (out_dir / "hardware.json").write_text(json.dumps(hardware(state.num_processes)) + "\n")
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
     if needs_mapper(recipe):
         ensure_mapper(recipe, out_dir)  # Stage A first; reused when OUT/mapper (or mapper.path) is there

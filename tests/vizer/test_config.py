@@ -95,7 +95,8 @@ def test_override_on_a_missing_list_index():
         ["train", "tiny-shapes", "grpo.num_generation=2"],
         ["check", "tiny-shapes", "model.lora.r=big"],
         # only trl.GRPOConfig itself knows: 8 completions per step cannot split into groups of 3
-        ["check", "tiny-shapes", "grpo.num_generations=3"],
+        ["check", "tiny-shapes", "grpo.images_per_step=null", "grpo.num_generations=3"],
+        ["check", "tiny-shapes", "--processes", "3"],  # 2 images per step cannot split over 3 GPUs
         ["check", "tiny-shapes", "plugins=[no_such_plugin]"],
         ["check", "tiny-shapes", "data.source=shape"],
     ],
@@ -112,7 +113,7 @@ def test_cli_exits_2_with_one_line_and_no_traceback(args):
 
 def test_check_builds_the_trainer_config_as_train_would():
     result = subprocess.run(
-        [sys.executable, "-m", "vizer", "check", "tiny-shapes", "grpo.num_generations=3"],
+        [sys.executable, "-m", "vizer", "check", "tiny-shapes", "grpo.images_per_step=null", "grpo.num_generations=3"],
         cwd=ROOT,
         capture_output=True,
         text=True,

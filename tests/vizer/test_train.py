@@ -26,8 +26,8 @@ def tiny_overrides(recipe_name: str) -> list[str]:
         "data.streaming=false",
         "grpo.max_steps=2",
         "grpo.num_generations=4",
+        "grpo.images_per_step=2",
         "grpo.per_device_train_batch_size=8",
-        "grpo.gradient_accumulation_steps=1",
         "grpo.max_completion_length=8",
         "grpo.logging_steps=1",
         "grpo.save_steps=100",
@@ -43,7 +43,7 @@ def tiny_overrides(recipe_name: str) -> list[str]:
         overrides += ["mapper_data={source: shapes, split: validation, limit: 12}", "mapper.epochs=2"]
         overrides += ["mapper.max_new_tokens=8", "mapper.pairs_per_image=1"]
     if recipe["objective"] == "vizer":
-        overrides += ["vizer.max_steps=2", "vizer.per_device_train_batch_size=4", "vizer.gradient_accumulation_steps=1"]
+        overrides += ["vizer.max_steps=2", "vizer.images_per_step=4", "vizer.per_device_train_batch_size=4"]
         overrides += ["vizer.max_new_tokens=8", "vizer.logging_steps=1", "vizer.save_steps=100"]
         overrides += ["vizer.gradient_checkpointing=false", "vizer.learning_rate=1.0e-3"]
     return overrides
