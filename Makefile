@@ -34,7 +34,7 @@ help:
 	@echo "make check RECIPE=<name> [ARGS=...]    validate a recipe without loading models"
 	@echo "make merge RUN=<dir>                   RUN/merged: the adapter merged into the full-precision base"
 	@echo "make push RUN=<dir> REPO=<id> [ARGS=--merged]  upload the adapter (or merged model) with a model card"
-	@echo "make bench                             benchmarks, one 'name: value' line each"
+	@echo "make bench [ARGS=--quick]              benchmarks, one 'name: value' line each (--quick: rewards only)"
 	@echo "make demo [ARGS='--seeds 0 1 2 --ablation']   ShapesCap: zero-label GRPO end to end, offline on CPU"
 
 venv: $(VENV)/.stamp
@@ -82,7 +82,7 @@ push: venv
 	$(PY) -m vizer push $(RUN) --repo $(REPO) $(ARGS)
 
 bench: venv
-	$(OFFLINE) $(PY) -m benchmarks
+	$(OFFLINE) $(PY) -m benchmarks $(ARGS)
 
 demo: venv
 	$(OFFLINE) $(PY) -m shapescap.demo $(ARGS)

@@ -1,5 +1,14 @@
+"""`make bench`: the reward benchmarks, then the real-sized GRPO step, stock TRL vs group-shared vision
+(about 15 minutes on 2 CPU cores). `--quick` skips the GRPO step; other arguments go to the reward
+benchmarks (`python -m benchmarks.bench -h`)."""
+
 import sys
 
-from benchmarks.bench import main
+from benchmarks import bench, grpo_step
 
-sys.exit(main())
+argv = sys.argv[1:]
+quick = "--quick" in argv
+status = bench.main([a for a in argv if a != "--quick"])
+if status == 0 and not quick:
+    status = grpo_step.main(["--repeats", "2", "--steps", "1"])
+sys.exit(status)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import os
 import resource
@@ -103,7 +102,7 @@ def _load_quantized(options: argparse.Namespace, processor: Any, dtype: Any) -> 
         folder, quantization_config=quant, dtype=dtype, device_map=device_map
     )
     _keep_4bit_layout(model)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
 
 
 def _random_checkpoint(name: str, processor: Any, dtype: Any, device: str) -> Path:
@@ -174,7 +173,7 @@ def grpo_args(options: argparse.Namespace, model: Any, processor: Any) -> Any:
         learning_rate=1e-5,
         bf16=_dtype(options.device) == torch.bfloat16,
         use_cpu=not on_gpu,
-        gradient_checkpointing=False,
+        gradient_checkpointing=options.gradient_checkpointing,  # the shipped recipes turn it on
         report_to=[],
         save_strategy="no",
         logging_steps=1,
@@ -305,14 +304,12 @@ def _share(trainer: Any, name: str, shared: bool) -> tuple[str | None, Any]:
     from benchmarks import real_sized
     from vizer.shared_vision import share_vision, why_not_shared
 
-    reason = why_not_shared(trainer.model, real_sized.family(name))
+    family = real_sized.family(name)
+    reason = why_not_shared(trainer.model, family)
     if reason:
         print(f"grpo_step: {name}: the shared side runs the stock path: {reason}", file=sys.stderr, flush=True)
         return reason, None
-    family = real_sized.family(name)
-    # vizer.shared_vision takes the family where it supports more than one (Qwen2-VL's tower is cut differently)
-    takes_family = "family" in inspect.signature(share_vision).parameters
-    return None, share_vision(trainer.model, family=family) if takes_family else share_vision(trainer.model)
+    return None, share_vision(trainer.model, family)
 
 
 def _summary(timing: dict, device: str) -> dict:
@@ -369,6 +366,8 @@ def label(options: argparse.Namespace) -> str:
         name += f"_px{options.max_pixels // (28 * 28)}"
     if tuple(options.image_size) != (512, 512):
         name += f"_{options.image_size[0]}x{options.image_size[1]}"
+    if options.gradient_checkpointing:
+        name += "_gc"
     return name
 
 
@@ -378,6 +377,8 @@ def side_command(options: argparse.Namespace, side: str) -> list[str]:
     command += ["--image-size", f"{options.image_size[0]}x{options.image_size[1]}"]
     if options.image_splitting:
         command.append("--image-splitting")
+    if options.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
     if options.max_pixels is not None:
         command += ["--max-pixels", str(options.max_pixels)]
     if options.csv:
@@ -432,6 +433,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--image-size", type=_size, default=(512, 512), help="picture WIDTHxHEIGHT (default 512x512)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="as the shipped recipes train (recomputes in backward)"
+    )
     parser.add_argument("--quant", choices=["none", "4bit"], default="none", help="4bit: bitsandbytes NF4 (QLoRA)")
     parser.add_argument("--csv", type=Path, help="append one row per side to this CSV file")
     parser.add_argument("--dry-run", action="store_true", help="build model, trainer and sharing decision; no steps")

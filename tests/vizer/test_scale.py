@@ -217,3 +217,18 @@ def test_two_cpu_processes_train_on_whole_groups_and_the_same_global_batch(tmp_p
     assert json.loads((out / "hardware.json").read_text())["processes"] == 2
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(torch.count_nonzero(v) for k, v in adapter.items() if "lora_B" in k), "the adapter trained"
+
+
+@pytest.mark.parametrize(
+    "variables, launch",
+    [
+        ([], ".venv/bin/python -m vizer train tiny-shapes"),
+        (["GPUS=4"], "accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 4 -m vizer train"),
+        (["GPUS=8", "ACCELERATE=zero3"], "--config_file recipes/accelerate/zero3.yaml --num_processes 8 -m vizer"),
+    ],
+)
+def test_make_train_launches_through_accelerate_only_when_asked(variables, launch):
+    shown = subprocess.run(["make", "-n", "train", *variables], cwd=ROOT, capture_output=True, text=True, check=True)
+    line = shown.stdout.strip().splitlines()[-1]
+    assert launch in " ".join(line.split()), line
+    assert ("accelerate launch" in line) == bool(variables)
