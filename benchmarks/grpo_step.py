@@ -14,7 +14,8 @@ reported with its split into generation, reward and the rest (log-probs and the 
 The shared side asks `vizer.shared_vision.why_not_shared` first; when it names a reason (e.g. a family whose
 tower cannot share), the reason goes to stderr and that side runs, and is reported, as stock.
 
-`--quant 4bit` loads the random model through bitsandbytes NF4 (vision tower and LM head unquantized, as
+Training runs with gradient checkpointing, as the shipped recipes do (`--no-gradient-checkpointing` turns it
+off; result names then end in `_nogc`). `--quant 4bit` loads the random model through bitsandbytes NF4 (vision tower and LM head unquantized, as
 `vizer.models` does for QLoRA recipes); `--csv PATH` appends one row per side; `--dry-run` builds the model,
 the LoRA trainer and the sharing decision, then exits without training.
 """
@@ -93,7 +94,7 @@ def _load_quantized(options: argparse.Namespace, processor: Any, dtype: Any) -> 
 
     from benchmarks import real_sized
     from vizer.families import FAMILIES
-    from vizer.models import quantization_config
+    from vizer.models import keep_4bit_layout, quantization_config
 
     folder = _random_checkpoint(options.model, processor, dtype, options.device)
     quant = quantization_config(options.quant, dtype, FAMILIES[real_sized.family(options.model)])
@@ -101,7 +102,7 @@ def _load_quantized(options: argparse.Namespace, processor: Any, dtype: Any) -> 
     model = AutoModelForImageTextToText.from_pretrained(
         folder, quantization_config=quant, dtype=dtype, device_map=device_map
     )
-    _keep_4bit_layout(model)
+    keep_4bit_layout(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
 
 
@@ -120,18 +121,6 @@ def _random_checkpoint(name: str, processor: Any, dtype: Any, device: str) -> Pa
         (tmp / "done.json").write_text("{}")
 
     return build_once(target, save, marker="done.json")
-
-
-def _keep_4bit_layout(model: Any) -> None:
-    # CPU only: bitsandbytes repacks 4-bit weights in place during an eval-mode forward on CPUs with
-    # AVX512-BF16, which breaks every later training forward (same guard as vizer.models)
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def picture(scene: Any, size: tuple[int, int]) -> Any:
@@ -199,6 +188,7 @@ def one_side(
     device: str = "cpu",
     quant: str = "none",
     image_size: tuple[int, int] = (512, 512),
+    gradient_checkpointing: bool = True,
     dry_run: bool = False,
 ) -> dict:
     """Train `steps` GRPO steps (after one warm-up) in this process; seconds per step and its split."""
@@ -210,6 +200,7 @@ def one_side(
         quant=quant,
         steps=steps,
         image_size=image_size,
+        gradient_checkpointing=gradient_checkpointing,
         dry_run=dry_run,
     )
     return _run_side(shared, options)
@@ -366,8 +357,8 @@ def label(options: argparse.Namespace) -> str:
         name += f"_px{options.max_pixels // (28 * 28)}"
     if tuple(options.image_size) != (512, 512):
         name += f"_{options.image_size[0]}x{options.image_size[1]}"
-    if options.gradient_checkpointing:
-        name += "_gc"
+    if not options.gradient_checkpointing:
+        name += "_nogc"
     return name
 
 
@@ -377,8 +368,8 @@ def side_command(options: argparse.Namespace, side: str) -> list[str]:
     command += ["--image-size", f"{options.image_size[0]}x{options.image_size[1]}"]
     if options.image_splitting:
         command.append("--image-splitting")
-    if options.gradient_checkpointing:
-        command.append("--gradient-checkpointing")
+    if not options.gradient_checkpointing:
+        command.append("--no-gradient-checkpointing")
     if options.max_pixels is not None:
         command += ["--max-pixels", str(options.max_pixels)]
     if options.csv:
@@ -434,7 +425,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=_size, default=(512, 512), help="picture WIDTHxHEIGHT (default 512x512)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
-        "--gradient-checkpointing", action="store_true", help="as the shipped recipes train (recomputes in backward)"
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        help="train without it (the shipped recipes turn it on: activations recomputed in the backward pass)",
     )
     parser.add_argument("--quant", choices=["none", "4bit"], default="none", help="4bit: bitsandbytes NF4 (QLoRA)")
     parser.add_argument("--csv", type=Path, help="append one row per side to this CSV file")

@@ -44,7 +44,7 @@ def quantization_config(kind: str, dtype: torch.dtype, family: Family) -> BitsAn
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
-def _disable_avx512bf16_repack(model: torch.nn.Module) -> None:
+def keep_4bit_layout(model: torch.nn.Module) -> None:
     # bitsandbytes repacks 4-bit weights in place during an eval-mode forward on CPUs with
     # AVX512-BF16, which breaks every later training forward; keep the trainable layout.
     try:
@@ -86,7 +86,7 @@ def load_model(model_cfg: dict, *, for_training: bool = True, gradient_checkpoin
     except OSError as err:
         raise RecipeError(f"'model.id': cannot load {model_cfg['id']} ({str(err).splitlines()[0]})") from None
     if quant is not None:
-        _disable_avx512bf16_repack(model)
+        keep_4bit_layout(model)
         if for_training:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return LoadedModel(model=model, processor=processor, family=family, path=path)
