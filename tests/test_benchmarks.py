@@ -106,7 +106,7 @@ def test_a_fallback_side_is_reported_as_stock(tmp_path):
     options = argparse.Namespace(
         model="qwen2vl2b", quant="4bit", device="cuda", dry_run=False, image_splitting=False, max_pixels=None
     )
-    options.image_size = (512, 512)
+    options.image_size, options.gradient_checkpointing = (512, 512), True
     result = {"path": "stock", "fallback": "no tower", "image_tokens": 256, **dict.fromkeys(grpo_step.PARTS, 1.0)}
     grpo_step.append_csv(tmp_path / "steps.csv", options, "shared", result)
     (row,) = csv.DictReader((tmp_path / "steps.csv").open())

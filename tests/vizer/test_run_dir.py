@@ -108,6 +108,7 @@ class SignalAtStep2(runner.MetricsJsonl):
 
 def test_ctrl_c_saves_where_it_stopped_and_the_rerun_resumes_there(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN when started in the background
     monkeypatch.setattr(runner, "MetricsJsonl", SignalAtStep2)
     with pytest.raises(runner.Interrupted) as stopped:
         runner.train(recipe("grpo.max_steps=6", "grpo.save_steps=100"), out)
@@ -115,7 +116,7 @@ def test_ctrl_c_saves_where_it_stopped_and_the_rerun_resumes_there(tmp_path, mon
     step = stopped.value.step
     assert step in (2, 3) and (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert "re-run the same command to resume" in str(stopped.value)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handlers restored"
+    assert signal.getsignal(signal.SIGINT) is before, "handlers restored"
     runner.train(recipe("grpo.max_steps=6", "grpo.save_steps=100"), out)
     assert steps(out) == [1, 2, 3, 4, 5, 6], "no step twice"
 
@@ -132,9 +133,10 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
         return original(self, output_dir)
 
     monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", full)
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(RecipeError, match=r"^disk full while writing to .*; the last complete checkpoint is intact"):
         runner.train(recipe("grpo.max_steps=6"), out)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "restored after a failed run too"
+    assert signal.getsignal(signal.SIGINT) is before, "restored after a failed run too"
     monkeypatch.undo()
     runner.train(recipe("grpo.max_steps=6"), out)
     assert (out / "checkpoint-4.incomplete").is_dir() and steps(out) == [1, 2, 3, 4, 5, 6]
