@@ -44,7 +44,7 @@ def split_global_batch(
             f"({processes}) so that every process takes whole images and their caption groups"
         )
     local = images_per_step // processes * group  # completions each process handles per optimizer step
-    cap = min(per_device or group, local)
+    cap = min(per_device or 8, local)  # 8: the trainers' own default per_device_train_batch_size
     # the largest micro-batch under the cap that divides the local share: every step then sees it all
     per_device = max(d for d in range(1, cap + 1) if local % d == 0)
     return BatchPlan(images_per_step, group, processes, per_device, local // per_device)

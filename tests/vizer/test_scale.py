@@ -37,6 +37,9 @@ def test_one_and_n_processes_train_on_the_same_global_batch():
     # a memory cap that does not divide a process's share: the largest micro-batch under it that does
     odd = split_global_batch(2, group=8, per_device=6, processes=1, where="grpo")
     assert (odd.per_device, odd.accumulation) == (4, 4)
+    # no cap given: the trainers' default of 8 per forward, not one image at a time
+    plain = split_global_batch(32, group=1, per_device=None, processes=2, where="vizer")
+    assert (plain.per_device, plain.accumulation) == (8, 2)
 
 
 def test_a_batch_that_cannot_split_over_the_processes_is_refused_with_one_line():
