@@ -50,20 +50,24 @@ def split_global_batch(
     return BatchPlan(images_per_step, group, processes, per_device, local // per_device)
 
 
-def batch_settings(section: dict, group: int, processes: int, where: str) -> tuple[dict, BatchPlan | None]:
-    """The trainer settings of a recipe section with `images_per_step` replaced by what each process runs."""
-    settings = dict(section)
-    images = settings.pop("images_per_step", None)
-    if images is None:
+def batch_settings(
+    settings: dict, images_per_step: int | None, group: int, processes: int, where: str
+) -> tuple[dict, BatchPlan | None]:
+    """Trainer settings with the per-process batch and accumulation for a global `images_per_step` (unchanged
+    when it is None: the recipe's per-device keys apply as written)."""
+    if images_per_step is None:
         return settings, None
     if "gradient_accumulation_steps" in settings:
         raise RecipeError(
             f"'{where}.images_per_step' and '{where}.gradient_accumulation_steps' are both set: keep images_per_step "
             "(global, split over processes) and drop the other"
         )
-    plan = split_global_batch(images, group, settings.get("per_device_train_batch_size"), processes, where)
-    settings["per_device_train_batch_size"] = plan.per_device
-    settings["gradient_accumulation_steps"] = plan.accumulation
+    plan = split_global_batch(images_per_step, group, settings.get("per_device_train_batch_size"), processes, where)
+    settings = {
+        **settings,
+        "per_device_train_batch_size": plan.per_device,
+        "gradient_accumulation_steps": plan.accumulation,
+    }
     return settings, plan
 
 

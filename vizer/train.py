@@ -109,8 +109,10 @@ def trainer_settings(recipe: dict, processes: int) -> tuple[dict, BatchPlan | No
     else:
         section, schema, defaults = recipe["grpo"], GRPO_SCHEMA, GRPO_DEFAULTS
         group = section.get("num_generations") or GRPOConfig.__dataclass_fields__["num_generations"].default
-    own = {k: v for k, v in section.items() if k not in schema or k == "images_per_step"}
-    settings, plan = batch_settings({**defaults, **own}, group, processes, recipe["objective"])
+    fields = {k: v for k, v in section.items() if k not in schema}  # the trainer config's own fields
+    settings, plan = batch_settings(
+        {**defaults, **fields}, section["images_per_step"], group, processes, recipe["objective"]
+    )
     settings["bf16"] = _bf16(recipe, section)
     settings.setdefault("report_to", report_to())
     return settings, plan
