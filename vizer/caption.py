@@ -18,6 +18,7 @@ from data.images import ImageSource, split_readable, to_rgb
 from data.sources import conversational_prompt
 from vizer.config import MODEL_SCHEMA, TOP_SCHEMA, RecipeError, load_recipe
 from vizer.models import LoadedModel, load_with_adapter
+from vizer.records import read_records
 
 DEFAULT_PROMPT: str = TOP_SCHEMA["prompt"][1]
 
@@ -116,17 +117,7 @@ def model_for_adapter(adapter: Path) -> tuple[dict, str, dict]:
 
 def read_done(out: Path, wanted: set[str]) -> dict[str, str]:
     """Lines of an earlier, interrupted `make caption` into the same file, by image (a torn last line dropped)."""
-    done: dict[str, str] = {}
-    if not out.is_file():
-        return done
-    for line in out.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("image") in wanted:
-            done[record["image"]] = line
-    return done
+    return {record["image"]: line for line, record in read_records(out)[0] if record.get("image") in wanted}
 
 
 def report_skipped(names: Sequence[str], listing: Path) -> None:

@@ -33,6 +33,7 @@ from vizer.metrics import clip_scores, reference_scores, text_stats
 from vizer.model_ids import resolve_model_id
 from vizer.models import load_with_adapter
 from vizer.recipe_rewards import build_rewards
+from vizer.records import read_records
 
 MODELS = ("base", "tuned")
 GALLERY_MAX = 400  # beyond this, the gallery keeps the largest changes both ways (the page stays light)
@@ -121,15 +122,8 @@ def cache_file(cache_dir: Path, tag: str, identity: dict) -> Path:
 
 
 def read_cache(path: Path) -> dict[str, list[str]]:
-    cached = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                cached[record["key"]] = record["captions"]
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by an interrupted run
-    return cached
+    # a line cut short by an interrupted run is not a record: it is generated again
+    return {r["key"]: r["captions"] for _, r in read_records(path)[0] if "key" in r and "captions" in r}
 
 
 def model_captions(

@@ -18,7 +18,9 @@ from pathlib import Path
 import yaml
 
 from vizer.config import RecipeError
-from vizer.run_dir import last_complete_checkpoint
+from vizer.model_ids import is_hub_id
+from vizer.records import read_records
+from vizer.run_dir import checkpoint_step, last_complete_checkpoint
 
 MERGE_INFO = "merged_from.json"  # provenance; also what lets a rerun replace the folder safely
 # Left out of uploads: the card is regenerated; training_args.bin is a pickle only the trainer reads.
@@ -161,22 +163,11 @@ def steps_trained(run: Path) -> int | None:
 
 def _checkpoint_step(run: Path) -> int | None:
     checkpoint = last_complete_checkpoint(run, set_aside=False)  # read-only: never renames anything
-    if checkpoint is None:
-        return None
-    return json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step")
+    return checkpoint_step(checkpoint) if checkpoint is not None else None
 
 
 def _metrics_lines(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = []
-    for line in path.read_text(errors="replace").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a torn last line
-            record = json.loads(line)
-            if isinstance(record, dict):
-                lines.append(record)
-    return lines
+    return [record for _, record in read_records(run / "metrics.jsonl")[0]]  # a torn last line left out
 
 
 def _metrics_step(run: Path) -> int | None:
@@ -201,16 +192,6 @@ def hardware_line(run: Path, recipe: dict) -> str:
     if isinstance(runtime, (int, float)):
         known.append(f"last training session {runtime / 60:.1f} min")
     return f"not recorded ({', '.join(known)})"
-
-
-def is_hub_id(model_id: str) -> bool:
-    """Only a hub id belongs in the card's base_model (not tiny:<kind> or a local folder)."""
-    return (
-        ":" not in model_id
-        and not model_id.startswith(("/", ".", "~"))
-        and model_id.count("/") <= 1
-        and not Path(model_id).is_dir()
-    )
 
 
 def _front_matter(base: str, library: str, peft: bool) -> list[str]:

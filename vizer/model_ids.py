@@ -73,6 +73,17 @@ def resolve_model_id(model_id: str) -> str:
     return os.path.expanduser(model_id) if model_id.startswith("~") else model_id
 
 
+def is_hub_id(model_id: str) -> bool:
+    """A Hugging Face Hub repository id, the only kind a model card may name as its base_model (not `tiny:<kind>`
+    and not a local folder)."""
+    return (
+        ":" not in model_id
+        and not model_id.startswith(("/", ".", "~"))
+        and model_id.count("/") <= 1
+        and not os.path.isdir(model_id)
+    )
+
+
 def resolve_reward_entry(entry: dict) -> dict:
     """The reward entry with its `model` option (given, or the plugin's default) resolved to a loadable id."""
     params = inspect.signature(resolve_factory(entry["name"])).parameters

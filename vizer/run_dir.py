@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from vizer.config import RecipeError
+from vizer.records import read_records
 
 LOCK = ".lock"
 # Keys a rerun into the same OUT may change: how long, how often to log or save, and how to evaluate.
@@ -206,14 +207,13 @@ def trim_metrics(path: Path, step: int | None) -> None:
     """Keep the lines of steps up to `step` (all when None), each step once, and drop a torn last line."""
     if not path.is_file():
         return
-    kept, seen, torn = [], set(), 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-            key = (record["step"], tuple(sorted(record)))
-        except (json.JSONDecodeError, KeyError, TypeError):
+    records, torn = read_records(path)
+    kept, seen = [], set()
+    for line, record in records:
+        if "step" not in record:
             torn += 1
             continue
+        key = (record["step"], tuple(sorted(record)))
         if (step is None or record["step"] <= step) and key not in seen:
             seen.add(key)
             kept.append(line)
