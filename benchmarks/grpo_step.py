@@ -178,35 +178,8 @@ def grpo_args(options: argparse.Namespace, model: Any, processor: Any) -> Any:
     )
 
 
-def one_side(
-    shared: bool,
-    steps: int,
-    *,
-    model: str = "smolvlm256",
-    image_splitting: bool = False,
-    max_pixels: int | None = None,
-    device: str = "cpu",
-    quant: str = "none",
-    image_size: tuple[int, int] = (512, 512),
-    gradient_checkpointing: bool = True,
-    dry_run: bool = False,
-) -> dict:
-    """Train `steps` GRPO steps (after one warm-up) in this process; seconds per step and its split."""
-    options = argparse.Namespace(
-        model=model,
-        image_splitting=image_splitting,
-        max_pixels=max_pixels,
-        device=device,
-        quant=quant,
-        steps=steps,
-        image_size=image_size,
-        gradient_checkpointing=gradient_checkpointing,
-        dry_run=dry_run,
-    )
-    return _run_side(shared, options)
-
-
 def _run_side(shared: bool, options: argparse.Namespace) -> dict:
+    """Train `options.steps` GRPO steps (after one warm-up) in this process; seconds per step and its split."""
     # imported here, in the measuring subprocess only: the orchestrating process stays free of torch
     import torch
 
