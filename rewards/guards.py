@@ -12,26 +12,13 @@ from __future__ import annotations
 
 import difflib
 import re
-import unicodedata
 from collections import Counter
 from typing import Any
 
 from trl.rewards import get_repetition_penalty_reward
 
 from .common import Reward, prompt_text
-
-WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
-TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[^\w\s]")  # words and punctuation marks
-
-# Words that carry no object or attribute: repeating them is grammar, not a repeated object.
-STOPWORDS = frozenset(
-    """a an the and or but nor of in on at to with without for from by as into onto over under above below
-    near next beside besides behind between among across along around against through inside outside front
-    back left right top bottom middle center centre side corner upper lower is are was were be been being
-    has have had there here this that these those it its they them their he she his her we you i which who
-    whose where while when what some any each every other another one also just very then than both all
-    it's there's photo picture image shows showing depicts depicting more second third extra additional further""".split()
-)
+from .phrases import STOPWORDS, phrases, words
 
 TEMPLATE_LEFTOVERS = re.compile(
     r"<\|[^|<>]{1,40}\|>"  # <|im_end|>, <|endoftext|>, <|eot_id|>, <|vision_start|> ...
@@ -40,42 +27,6 @@ TEMPLATE_LEFTOVERS = re.compile(
     r"|(?:^|\n)\s*(?:user|assistant|system|human|gpt)\s*:",
     re.IGNORECASE,
 )
-
-
-# Spellings that hide a repeat from plain string matching: zero-width characters, hyphens between words,
-# letters from other scripts that look Latin ("а" is Cyrillic). NFKC folds full-width and compatibility forms.
-_INVISIBLE = {**dict.fromkeys(map(ord, "\u00ad\u200c\u200d\u2060\ufeff"), None), ord("\u200b"): " "}
-_HYPHENS = re.compile(r"(?<=[^\W\d_])[-\u2010\u2011\u2012\u2013\u2014\u2212](?=[^\W\d_])")
-_LOOKALIKES = str.maketrans(
-    "аеорсухіјѕԁԛԝАВЕКМНОРСТХІЈЅαοτνικυΑΒΕΗΙΚΜΝΟΡΤΧΥΖ",
-    "aeopcyxijsdqwABEKMHOPCTXIJSaotvikuABEHIKMNOPTXYZ",
-)
-
-
-def normalise(text: str) -> str:
-    """The text as a reader sees it: look-alike letters, zero-width characters and word hyphens undone."""
-    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).translate(_LOOKALIKES)
-    return _HYPHENS.sub(" ", text)
-
-
-def words(text: str) -> list[str]:
-    return [w.lower() for w in WORD.findall(normalise(text))]
-
-
-def phrases(text: str, stopwords: frozenset[str] = STOPWORDS) -> list[tuple[str, ...]]:
-    """Runs of content words between function words and punctuation: "a large red circle next to a
-    small square" -> [("large", "red", "circle"), ("small", "square")]."""
-    chunks, current = [], []
-    for token in (t.lower() for t in TOKEN.findall(normalise(text))):
-        if token in stopwords or not token[0].isalnum():
-            if current:
-                chunks.append(tuple(current))
-            current = []
-        else:
-            current.append(token)
-    if current:
-        chunks.append(tuple(current))
-    return chunks
 
 
 def _runs_on(part: tuple[str, ...], whole: tuple[str, ...]) -> bool:
