@@ -105,17 +105,29 @@ def test_agrees_with_pycocoevalcap_on_the_same_tokenised_input():
 
 
 def test_per_image_scores_stay_with_their_image():
-    # ids that sort differently as strings and as numbers; one wrong caption; one image without references
-    ids = ["img2", "img10", "img1", "img33"]
-    refs = {i: REFS[k] for i, k in zip(ids, "abcd")}
-    candidates = {i: refs[i][0] for i in ids}
-    candidates["img10"] = "a plate of pasta with tomato sauce on a wooden table"  # img33's text, not its own
-    candidates["norefs"] = "a large red circle on the left and a small blue square"
-    _, each = reference_scores(candidates, {**refs, "norefs": []})
-    assert set(each) == set(ids)
-    assert each["img10"]["cider_d"] < 0.5 and each["img10"]["bleu_4"] < 0.1
-    for i in ("img2", "img1", "img33"):
-        assert each[i]["cider_d"] > 5 and each[i]["bleu_4"] == pytest.approx(1.0, abs=1e-6), i
+    # Every image gets a caption of a different quality (its own reference whole or cut short, another
+    # image's text), so any mis-keying moves a score to the wrong key; the ids sort differently as strings and
+    # as numbers, and an image without references sits between the others.
+    ids = ["img2", "img10", "norefs", "img1", "img33"]
+    refs = {"img2": REFS["a"], "img10": REFS["b"], "norefs": [], "img1": REFS["c"], "img33": REFS["d"]}
+    words = {k: refs[k][0].split() for k in ids if refs[k]}
+    candidates = {
+        "img2": " ".join(words["img2"]),
+        "img10": REFS["d"][0],  # img33's text, not its own
+        "norefs": "a large red circle on the left and a small blue square",
+        "img1": " ".join(words["img1"][:7]),
+        "img33": " ".join(words["img33"][:4]),
+    }
+    _, each = reference_scores(candidates, refs)
+    assert list(each) == ["img2", "img10", "img1", "img33"]
+    # ROUGE-L and BLEU-4 of one caption do not depend on the rest of the set: score each image alone
+    alone = {k: reference_scores({k: candidates[k]}, {k: refs[k]})[1][k] for k in each}
+    rouge = [alone[k]["rouge_l"] for k in each]
+    assert min(abs(a - b) for i, a in enumerate(rouge) for b in rouge[i + 1 :]) > 0.05, "scores must differ"
+    for k in each:
+        assert each[k]["rouge_l"] == pytest.approx(alone[k]["rouge_l"]), k
+        assert each[k]["bleu_4"] == pytest.approx(alone[k]["bleu_4"], abs=1e-6), k
+    assert each["img2"]["cider_d"] > each["img1"]["cider_d"] > each["img10"]["cider_d"]
 
 
 def test_only_keys_with_references_are_scored():
