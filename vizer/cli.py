@@ -18,6 +18,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.processes < 1:
+        raise RecipeError(f"--processes must be at least 1 (the GPUs to split the batch over), got {args.processes}")
     recipe = load_recipe(args.recipe, args.overrides)
     from vizer.train import trainer_settings, training_args  # heavy imports only once the recipe is valid
 

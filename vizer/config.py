@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any
@@ -169,12 +170,31 @@ TRAINER_BOUNDS: dict[str, tuple[float, bool]] = {
 }
 
 
+MAX_COUNT = 2**31 - 1
+
+
+def short(value: Any) -> str:
+    """repr() for an error message, cut short: a value can be huge (or expand through YAML aliases)."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 80, 80
+
+
+def _choice(value: Any) -> str:
+    """A choice as the recipe writes it (true/false, not Python's True/False)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _check_bounds(key: str, value: Any, bounds: tuple[float, bool] | None) -> None:
     if bounds is None or not isinstance(value, _NUM) or isinstance(value, bool):
         return
     low, inclusive = bounds
     if value != value or value in (float("inf"), float("-inf")):
         raise RecipeError(f"'{key}' must be a finite number, got {value!r}")
+    if value > MAX_COUNT:  # a count that large overflows the trainer's integers long after `make check`
+        raise RecipeError(f"'{key}' is too large (at most {MAX_COUNT}), got {value!r}")
     if value < low or (value == low and not inclusive):
         relation = f">= {low}" if inclusive else f"> {low}"
         raise RecipeError(f"'{key}' must be {relation}, got {value!r}")
@@ -213,11 +233,13 @@ def _check_section(section: dict, schema: dict, where: str) -> dict:
             value = _maybe_float(value, where + key)
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
-            raise RecipeError(f"'{where}{key}' expects {_type_name(types)}, got {value!r}")
+            raise RecipeError(f"'{where}{key}' expects {_type_name(types)}, got {short(value)}")
         choices = CHOICES.get(where + key)
-        if choices and value not in choices:
+        # `1 in (True, False)` holds in Python: a bool choice matches only a bool
+        if choices and not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices):
+            names = [_choice(c) for c in choices]
             raise RecipeError(
-                f"'{where}{key}' must be one of {', '.join(choices)}, got {value!r}{closest(value, choices)}"
+                f"'{where}{key}' must be one of {', '.join(names)}, got {short(value)}{closest(_choice(value), names)}"
             )
         _check_bounds(where + key, value, BOUNDS.get(where + key))
         out[key] = value
@@ -236,10 +258,38 @@ def _config_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
+# transformers 5 renamed gradient checkpointing (the old names go in v6): a recipe may use either spelling, and
+# the resolved recipe holds the one the installed TrainingArguments accepts (the new one where both exist).
+CHECKPOINTING_NAMES = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
+_SPELLINGS = {name: (new, old) for new, old in CHECKPOINTING_NAMES.items() for name in (new, old)}
+
+
+def checkpointing_spelling(section: dict, fields: typing.Collection[str], where: str) -> dict:
+    """`section` with gradient/activation checkpointing under the name `fields` has; both names at once with
+    different values is refused."""
+    out = dict(section)
+    for new, old in CHECKPOINTING_NAMES.items():
+        if new not in out and old not in out:
+            continue
+        if new in out and old in out and out[new] != out[old]:
+            raise RecipeError(
+                f"'{where}.{new}' ({short(out[new])}) and '{where}.{old}' ({short(out[old])}) are the same setting "
+                f"with different values; keep one ({new} is the current name)"
+            )
+        value = out.pop(new) if new in out else out.pop(old)
+        out.pop(old, None)
+        out[new if new in fields else old] = value
+    return out
+
+
 def _check_fields(section: dict, cls: type, where: str, own: dict | None = None) -> dict:
     """A section passed to a trainer config class as is: every key a field of `cls` (or one of `own`), of the
     field's type. The config object itself is built (and checked further) by `vizer.train.training_args`."""
     fields, own = _config_fields(cls), own or {}
+    section = checkpointing_spelling(section, fields, where)
     out = _check_section({k: v for k, v in section.items() if k in own}, own, f"{where}.") if own else {}
     for key, value in section.items():
         if key in own:
@@ -252,16 +302,18 @@ def _check_fields(section: dict, cls: type, where: str, own: dict | None = None)
                 f"{cls.__name__} field)"
             )
         default = fields[key].default
+        if key in ("activation_checkpointing", "gradient_checkpointing"):
+            default = False  # `bool | None` in transformers 5 (None: unset), a switch in the recipe
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise RecipeError(f"'{where}.{key}' expects true/false, got {value!r}")
+                raise RecipeError(f"'{where}.{key}' expects true/false, got {short(value)}")
         elif isinstance(default, float) and not isinstance(value, bool):
             value = _maybe_float(value, key) if isinstance(value, str) else value
             if not isinstance(value, _NUM):
-                raise RecipeError(f"'{where}.{key}' expects a number, got {value!r}")
+                raise RecipeError(f"'{where}.{key}' expects a number, got {short(value)}")
         elif isinstance(default, int) and not isinstance(value, bool):
             if not isinstance(value, int):
-                raise RecipeError(f"'{where}.{key}' expects an integer, got {value!r}")
+                raise RecipeError(f"'{where}.{key}' expects an integer, got {short(value)}")
         _check_bounds(f"{where}.{key}", value, TRAINER_BOUNDS.get(key))
         if key == "max_steps" and value == 0 or isinstance(value, int) and key == "max_steps" and value < -1:
             raise RecipeError(f"'{where}.max_steps' must be positive (or -1: train num_train_epochs), got {value}")
@@ -275,7 +327,7 @@ def check_data(data: dict, where: str = "data.") -> dict:
         raise RecipeError(
             f"missing required key '{where}source'"
             if data.get("source") is None
-            else f"'{where}source' expects a string, got {data['source']!r}"
+            else f"'{where}source' expects a string, got {short(data['source'])}"
         )
     source = get_source(data["source"], f"{where}source")
     data = {k: v for k, v in data.items() if not _default_of_another_source(k, v, source.name)}
@@ -333,7 +385,7 @@ def import_plugins(plugins: list) -> None:
     """Import the recipe's plugin modules (they register data sources and `tiny:` models)."""
     for i, name in enumerate(plugins):
         if not isinstance(name, str):
-            raise RecipeError(f"'plugins[{i}]' must be a module name, got {name!r}")
+            raise RecipeError(f"'plugins[{i}]' must be a module name, got {short(name)}")
         try:
             importlib.import_module(name)
         except Exception as err:  # ImportError, or any error the plugin raises while importing
@@ -371,6 +423,10 @@ def validate(raw: dict) -> dict:
         validate_reward_entry(entry, i)
         if isinstance(entry.get("model"), str):
             check_model_id(entry["model"], f"rewards[{i}].model")
+    weights = [float(entry.get("weight", 1.0)) for entry in recipe["rewards"]]
+    if recipe["objective"] == "grpo" and not any(weights):  # every advantage 0: the adapter would never move
+        raise RecipeError(f"'rewards': every weight is 0 ({len(weights)} rewards), so GRPO has nothing to learn from")
+    _check_images_per_step(recipe)
     _check_latent(recipe)
     for key in ("scorer", "judge"):
         if recipe["eval"][key]:
@@ -378,12 +434,23 @@ def validate(raw: dict) -> dict:
     return recipe
 
 
+def _check_images_per_step(recipe: dict) -> None:
+    """An optimizer step takes images_per_step images: more than data.limit allows and no step ever runs."""
+    section = "vizer" if recipe["objective"] == "vizer" else "grpo"
+    images, limit = recipe[section].get("images_per_step"), recipe["data"]["limit"]
+    if images is not None and limit is not None and images > limit:
+        raise RecipeError(
+            f"'{section}.images_per_step' ({images}) is more than the {limit} images of data.limit: no optimizer "
+            "step could run"
+        )
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"override '{text}' must look like key.sub=value")
     key, value = text.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = load_yaml(value) if value != "" else None
     except yaml.YAMLError:
         parsed = value
     return key.strip().split("."), parsed
@@ -407,6 +474,8 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
         if isinstance(node, list):
             node[_list_index(last, node, ".".join(path))] = value
         else:
+            for name in _SPELLINGS.get(last, ()):  # an override replaces the setting under either spelling
+                node.pop(name, None)
             node[last] = value
     return raw
 
@@ -432,6 +501,73 @@ def recipe_path(name_or_path: str) -> Path:
     return candidate
 
 
+MAX_YAML_VALUES = 100_000  # a hand-written recipe holds hundreds; aliases (&a/*a) may not multiply that
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter where a recipe would otherwise lose settings or memory: a key twice in one
+    mapping is an error (YAML says so; PyYAML keeps the last), and the document may not expand (through
+    aliases) to more than MAX_YAML_VALUES values."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _count_values(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: the base loader says so
+                    continue
+                if first != line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short(key)} (first at line {first})", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_values(root: yaml.Node) -> None:
+    """Values the document expands to, each alias counted in full (memoised per node: linear time)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if depth > 100:
+            raise yaml.constructor.ConstructorError(None, None, "nested more than 100 levels deep", node.start_mark)
+        sizes[id(node)] = 0  # a recursive alias counts once
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v, depth + 1) for v in node.value)
+        else:
+            total = 1
+        if total > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"expands to more than {MAX_YAML_VALUES} values through aliases (&/*); a recipe is small",
+                node.start_mark,
+            )
+        sizes[id(node)] = total
+        return total
+
+    size(root, 0)
+
+
+def load_yaml(text: str) -> Any:
+    """A recipe's YAML (or an override's value) as plain data; yaml.YAMLError when it is not a sane recipe."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> dict:
     path = recipe_path(name_or_path)
     try:
@@ -439,7 +575,7 @@ def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> dict
     except UnicodeDecodeError as err:
         raise RecipeError(f"{path}: is not UTF-8 text (byte {err.start})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from vizer.config import RecipeError
+from vizer.config import CHECKPOINTING_NAMES, RecipeError, checkpointing_spelling
 from vizer.records import read_records
 
 LOCK = ".lock"
@@ -162,9 +162,19 @@ def _resumable(key: str) -> bool:
     return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
 
 
+def _one_spelling(recipe: dict) -> dict:
+    """Gradient/activation checkpointing under one name: a run saved under either spelling resumes."""
+    out = dict(recipe)
+    for section in ("grpo", "vizer"):
+        if isinstance(out.get(section), dict):
+            with contextlib.suppress(RecipeError):  # two values: compared (and refused) as written
+                out[section] = checkpointing_spelling(out[section], CHECKPOINTING_NAMES, section)
+    return out
+
+
 def recipe_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     """(keys that may change on resume and did, keys that must not change and did)."""
-    a, b = _flatten(saved), _flatten(new)
+    a, b = _flatten(_one_spelling(saved)), _flatten(_one_spelling(new))
     # a key the saved recipe lacks entirely was added by a newer version of the runner (with its default):
     # resuming an older run is allowed, and the key is recorded like any allowed change
     added = sorted(k for k in set(b) - set(a) if not any(k.startswith(s + ".") for s in a))

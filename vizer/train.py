@@ -242,7 +242,9 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
 
     # rewards first: a plugin that cannot be built fails before minutes of loading the policy
     reward_funcs = build_rewards(recipe, str(state.device), out_dir) if recipe["objective"] == "grpo" else []
-    loaded = load_model(recipe["model"], gradient_checkpointing=args.gradient_checkpointing)
+    checkpointing = getattr(args, "activation_checkpointing", None)  # transformers 5 also has the old name
+    checkpointing = args.gradient_checkpointing if checkpointing is None else checkpointing
+    loaded = load_model(recipe["model"], gradient_checkpointing=bool(checkpointing))
     peft_config = lora_config(recipe["model"]["lora"], loaded.model, loaded.family)
     state.print(
         f"model: {recipe['model']['id']} (family {loaded.family.name}, quantization "

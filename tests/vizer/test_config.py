@@ -133,3 +133,139 @@ def test_plugin_sources_need_their_plugin(tmp_path):
     path = write_recipe(tmp_path, lambda r: r["data"].update(source="shape"))
     with pytest.raises(RecipeError, match=r"^'data.source': unknown data source 'shape' \(did you mean 'shapes'\?\)"):
         load_recipe(str(path))
+
+
+# ---------------------------------------------------------------------------------------------- recipe files
+TINY = (RECIPES_DIR / "tiny-shapes.yaml").read_text()
+
+
+def test_a_key_twice_in_one_mapping_is_an_error_naming_key_and_line(tmp_path):
+    # Fails if the loader keeps the later value (PyYAML's default), dropping the earlier block's settings.
+    path = tmp_path / "twice.yaml"
+    path.write_text(TINY + "\ngrpo:\n  max_steps: 3\n")  # a second grpo: block at the end
+    line = len(TINY.splitlines()) + 2
+    first = TINY.splitlines().index("grpo:") + 1
+    with pytest.raises(RecipeError, match=rf"line {line} .*duplicate key 'grpo' \(first at line {first}\)"):
+        load_recipe(str(path))
+    path.write_text(
+        TINY.replace("  quantization: none\n", "  quantization: none\n  dtype: float32\n  quantization: 4bit\n")
+    )
+    with pytest.raises(RecipeError, match=r"duplicate key 'quantization'"):
+        load_recipe(str(path))
+    # a merge key (<<) may be overridden on purpose: not a duplicate
+    path.write_text(
+        TINY.replace("grpo:\n", "base: &b {max_steps: 3}\ngrpo:\n  <<: *b\n").replace("description", "name")
+    )
+    with pytest.raises(RecipeError, match="unknown key 'base'"):  # got past the loader
+        load_recipe(str(path))
+
+
+def test_a_recipe_that_expands_through_aliases_is_refused_fast_without_printing_it(tmp_path):
+    # Fails if aliases are expanded without a bound (MemoryError after tens of seconds) or the error shows the value.
+    laughs = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        laughs.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(laughs) + "\nprompt: [*i, *i]\n")
+    assert path.stat().st_size < 600
+    result = subprocess.run(
+        [sys.executable, "-m", "vizer", "check", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "expands to more than" in line and "lol" not in line and len(line) < 300
+    # a value too large to be a count is shown cut short, never whole
+    with pytest.raises(RecipeError, match=r"'prompt' expects a string") as err:
+        load_recipe("tiny-shapes", ["prompt=[" + ", ".join(["word"] * 5000) + "]"])
+    assert len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize(
+    "key", ["model.share_vision", "model.quantization", "model.dtype", "objective", "mapper.variant"]
+)
+def test_a_value_outside_the_choices_is_one_line_listing_them(key):
+    # Fails if formatting the choices crashes (share_vision's true/false are bools) instead of naming the key.
+    with pytest.raises(RecipeError, match=rf"^'{key}' must be one of .*, got 'maybe'$") as err:
+        load_recipe("tiny-shapes", [f"{key}=maybe"])
+    if key == "model.share_vision":
+        assert "auto, true, false" in str(err.value)
+
+
+def test_all_zero_reward_weights_and_impossible_batches_are_refused():
+    # Fails if check accepts a run that cannot learn (every advantage 0) or can never take a step.
+    zero = [f"rewards.{i}.weight=0" for i in range(5)]
+    with pytest.raises(RecipeError, match=r"^'rewards': every weight is 0"):
+        load_recipe("tiny-shapes", zero)
+    load_recipe("tiny-shapes", zero[:-1])  # one reward left is enough
+    with pytest.raises(RecipeError, match=r"'grpo.images_per_step' \(65536\) is more than the 64 images of data.limit"):
+        load_recipe("tiny-shapes", ["grpo.images_per_step=65536"])
+    with pytest.raises(RecipeError, match=r"'grpo.images_per_step' is too large"):
+        load_recipe("tiny-shapes", ["grpo.images_per_step=100000000000000000000", "data.limit=null"])
+
+
+@pytest.mark.parametrize("processes", ["0", "-1"])
+def test_check_with_no_or_negative_processes_is_one_line(processes):
+    result = subprocess.run(
+        [sys.executable, "-m", "vizer", "check", "tiny-shapes", "--processes", processes],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line == f"error: --processes must be at least 1 (the GPUs to split the batch over), got {processes}"
+
+
+# ---------------------------------------------------------------------------------------------- checkpointing
+@pytest.mark.parametrize("section", ["grpo", "vizer"])
+def test_either_checkpointing_spelling_reaches_the_trainer_under_the_installed_name(section, tmp_path):
+    from transformers import TrainingArguments
+
+    from vizer.train import training_args
+
+    installed = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+        else ("gradient_checkpointing")
+    )
+    base = ["objective=vizer", "mapper.path=null"] if section == "vizer" else []
+    base += ["mapper_data={source: shapes, split: validation, limit: 4}"] if section == "vizer" else []
+    for name in ("gradient_checkpointing", "activation_checkpointing"):
+        for value in (True, False):
+            recipe = load_recipe("tiny-shapes", [*base, f"{section}.{name}={str(value).lower()}"])
+            spelled = {k for k in recipe[section] if "checkpointing" in k}
+            assert spelled == {installed}, spelled
+            assert recipe[section][installed] is value
+            args = training_args(recipe, tmp_path, processes=1)
+            assert args.gradient_checkpointing is value and getattr(args, installed) is value
+    # the two names in one file with different values: one line naming both
+    path = tmp_path / "both.yaml"
+    raw = yaml.safe_load(TINY)
+    raw.setdefault(section, {}).update(gradient_checkpointing=True, activation_checkpointing=False)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        RecipeError, match=rf"^'{section}.activation_checkpointing' \(False\) and '{section}.gradient_che"
+    ):
+        load_recipe(str(path))
+    raw[section]["gradient_checkpointing"] = False  # the same value twice is harmless
+    path.write_text(yaml.safe_dump(raw))
+    assert load_recipe(str(path))[section][installed] is False
+
+
+def test_shipped_recipes_spell_checkpointing_one_way(shipped_recipe):
+    raw = yaml.safe_load((RECIPES_DIR / f"{shipped_recipe}.yaml").read_text())
+    for section in ("grpo", "vizer"):
+        assert "gradient_checkpointing" not in (raw.get(section) or {}), f"{shipped_recipe}: {section}"
+
+
+def test_a_run_saved_under_the_old_checkpointing_name_resumes_unchanged():
+    # Fails if a rerun compares the spellings literally: every older run would be refused as "another recipe".
+    from vizer.run_dir import recipe_changes
+
+    new = load_recipe("tiny-shapes")
+    saved = yaml.safe_load(yaml.safe_dump(new))
+    saved["grpo"]["gradient_checkpointing"] = saved["grpo"].pop("activation_checkpointing")
+    assert recipe_changes(saved, new) == ([], [])
+    saved["grpo"]["gradient_checkpointing"] = True
+    assert recipe_changes(saved, new)[1] == ["grpo.activation_checkpointing"]
