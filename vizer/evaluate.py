@@ -31,7 +31,7 @@ from vizer.config import DATA_SCHEMA, RecipeError, load_recipe
 from vizer.gallery import GalleryItem, thumbnail_data_uri, write_gallery
 from vizer.metrics import clip_scores, reference_scores, text_stats
 from vizer.model_ids import resolve_model_id
-from vizer.models import load_with_adapter
+from vizer.models import check_adapter, load_with_adapter
 from vizer.recipe_rewards import build_rewards
 from vizer.records import read_records
 
@@ -356,6 +356,8 @@ def evaluate(
         raise RecipeError(f"eval: {recipe_file} not found (is {run} a finished run directory?)")
     if not adapter.is_dir():
         raise RecipeError(f"eval: {adapter} not found (train first: make train OUT={run})")
+    if (adapter / "adapter_config.json").is_file():
+        check_adapter(adapter)  # before minutes of base captions
     if limit is not None and limit <= 0:
         raise RecipeError(f"--limit must be positive, got {limit}")
     recipe = load_recipe(str(recipe_file), overrides)

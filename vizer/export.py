@@ -22,7 +22,8 @@ from vizer.model_ids import is_hub_id
 from vizer.records import read_records
 from vizer.run_dir import checkpoint_step, last_complete_checkpoint
 
-MERGE_INFO = "merged_from.json"  # provenance; also what lets a rerun replace the folder safely
+MERGE_INFO = "merged_from.json"  # provenance and the file list; also what lets a rerun replace the folder safely
+MERGE_STARTED = ".vizer-merge"  # written first into OUT.partial: the folder is ours to clear on a rerun
 # Left out of uploads: the card is regenerated; training_args.bin is a pickle only the trainer reads.
 NOT_UPLOADED = ("README.md", "training_args.bin")
 HARDWARE_FILES = ("hardware.json", "hardware.txt")  # read when a run records its machine
@@ -47,6 +48,10 @@ def check_run(run: Path, command: str) -> Path:
         raise RecipeError(f"{command}: {adapter} not found (training has not finished: make train OUT={run})")
     if not weight_files(adapter) or not ((adapter / "adapter_config.json").is_file() or is_full_model(adapter)):
         raise RecipeError(f"{command}: {adapter} holds no adapter or model weights (an interrupted save?)")
+    if not is_full_model(adapter):
+        from vizer.models import check_adapter  # heavy imports (torch) only once RUN looks like a run
+
+        check_adapter(adapter)
     return adapter
 
 
@@ -92,7 +97,10 @@ def merge(run: Path, out: Path | None = None) -> Path:
     differ slightly from the quantized model the adapter was trained against."""
     adapter = check_run(run, "merge")
     out = out or run / "merged"
-    _check_out(out)
+    partial, replaced = (out.with_name(out.name + suffix) for suffix in (".partial", ".replaced"))
+    for folder in (out, partial, replaced):  # before minutes of loading: refuse what is not ours to remove
+        _check_out(folder)
+    weights = fingerprint(adapter)  # the weights about to be loaded; compared again once the merge is saved
     from vizer.caption import model_for_adapter  # heavy imports (torch, transformers) only once RUN is known good
     from vizer.models import load_with_adapter, pick_dtype
 
@@ -110,8 +118,11 @@ def merge(run: Path, out: Path | None = None) -> Path:
         loaded = load_with_adapter(model_cfg, str(adapter))
         print(f"merge: merging the LoRA adapter {adapter} into it")
         model = loaded.model.merge_and_unload()
-    partial = out.with_name(out.name + ".partial")  # a crash mid-save never leaves a folder that looks done
-    shutil.rmtree(partial, ignore_errors=True)
+    # a crash mid-save never leaves a folder that looks done: save beside OUT, then swap it in
+    if partial.exists():
+        shutil.rmtree(partial)  # an earlier merge's (checked above)
+    partial.mkdir(parents=True)
+    (partial / MERGE_STARTED).write_text(f"{adapter}\n")
     print(f"merge: saving to {out}")
     model.save_pretrained(str(partial))
     # The processor carries the recipe's image knobs (model.processor). For Qwen2-VL the project's image-only
@@ -119,38 +130,60 @@ def merge(run: Path, out: Path | None = None) -> Path:
     # AutoProcessor.from_pretrained returns only the tokenizer there, so load it with
     # vizer.qwen2vl_processor.load_qwen2vl_processor(folder) (what `model.id: <folder>` in a recipe does).
     loaded.processor.save_pretrained(str(partial))
+    if fingerprint(adapter) != weights:  # e.g. a training run resumed into RUN saved a new adapter meanwhile
+        shutil.rmtree(partial)
+        raise RecipeError(
+            f"merge: {adapter} changed while merging (is training writing to {run}?); merge again once it is done"
+        )
+    (partial / MERGE_STARTED).unlink()
     info = {
         "base_model": model_cfg["id"],
         "dtype": dtype,
         "trained_quantization": trained_quantization,
-        "adapter_fingerprint": fingerprint(adapter),
+        "adapter_fingerprint": weights,
+        # what a complete merge holds: a folder missing any of these is not current, whatever else it holds
+        "files": {
+            p.relative_to(partial).as_posix(): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
+        },
     }
     (partial / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    _swap_in(partial, out, replaced)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"merged model written to {out} ({size / 1e9:.2f} GB, {dtype})")
     return out
 
 
 def _check_out(out: Path) -> None:
-    """Refuse to replace a folder that `merge` did not write (`--out .` must never delete a project)."""
+    """Refuse to replace a folder that `merge` did not write (`--out .` must never delete a project): OUT and
+    the OUT.partial / OUT.replaced folders beside it that merge works in."""
     if out.exists() and not out.is_dir():
-        raise RecipeError(f"merge: --out {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not (out / MERGE_INFO).is_file():
-        raise RecipeError(f"merge: --out {out} exists and was not written by `vizer merge`; choose another folder")
+        raise RecipeError(f"merge: {out} is a file; choose another --out")
+    ours = (out / MERGE_INFO).is_file() or (out / MERGE_STARTED).is_file()
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise RecipeError(f"merge: {out} exists and was not written by `vizer merge`; move it or choose another --out")
+
+
+def _swap_in(partial: Path, out: Path, replaced: Path) -> None:
+    """Put the finished merge at OUT with renames only: a kill at any point leaves either the old complete
+    folder, the new one, or none at OUT (push then merges again), never a half-deleted one."""
+    if replaced.exists():
+        shutil.rmtree(replaced)  # an interrupted earlier swap's (checked to be ours)
+    if out.exists():
+        out.rename(replaced)
+    partial.rename(out)
+    if replaced.exists():
+        shutil.rmtree(replaced)
 
 
 def is_current_merge(folder: Path, adapter: Path) -> bool:
-    """True when `folder` is a complete merge of this adapter's weights."""
-    info = folder / MERGE_INFO
-    if not (info.is_file() and (folder / "config.json").is_file()):
-        return False
+    """True when `folder` is a complete merge of this adapter's weights: every file it recorded is there, whole."""
     try:
-        return json.loads(info.read_text()).get("adapter_fingerprint") == fingerprint(adapter)
-    except (OSError, json.JSONDecodeError):
+        info = json.loads((folder / MERGE_INFO).read_text())
+        files = info["files"]
+        complete = bool(files) and all((folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, torn, or an older merge's
         return False
+    return complete and info.get("adapter_fingerprint") == fingerprint(adapter)
 
 
 # ---------------------------------------------------------------------------------------------- model card

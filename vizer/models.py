@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel, ProcessorMixin
 
 from vizer.config import RecipeError
@@ -115,10 +118,53 @@ def lora_config(lora_cfg: dict, model: torch.nn.Module, family: Family) -> LoraC
     )
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_adapter(adapter_dir: str | Path) -> None:
+    """One line when a LoRA adapter folder cannot be loaded: no config, no weights, or weights cut short.
+    Cheap (reads the safetensors header), so commands call it before minutes of other work."""
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise RecipeError(f"adapter {folder}: no adapter_config.json (not a LoRA adapter folder)")
+    weights = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
+    if not weights or all(w.stat().st_size == 0 for w in weights):
+        # without this, PEFT takes the folder for a hub id and fails with a validation traceback
+        raise RecipeError(
+            f"adapter {folder}: adapter_config.json but no weights (adapter_model.safetensors); an "
+            "interrupted save? train again into the run (it resumes)"
+        )
+    for path in weights:
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise RecipeError(f"adapter {path}: unreadable or cut short ({str(err).splitlines()[0]})") from None
+
+
+def _adapter_base(adapter_dir: str) -> str | None:
+    try:
+        return json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
 def load_with_adapter(model_cfg: dict, adapter_dir: str | None) -> LoadedModel:
     """Base model (adapter_dir=None) or base + trained adapter, ready for generation."""
+    if adapter_dir is not None:
+        check_adapter(adapter_dir)
     loaded = load_model(model_cfg, for_training=False)
     if adapter_dir is not None:
-        loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir)
+        try:
+            loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir)
+        except (RuntimeError, ValueError, KeyError, SafetensorError) as err:  # shapes or module names differ
+            base = _adapter_base(adapter_dir)
+            named = f"; it was trained on {base}" if base and base != loaded.path else ""
+            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise RecipeError(
+                f"adapter {adapter_dir} does not fit the base model {model_cfg['id']}{named} ({detail})"
+            ) from None
     loaded.model.eval()
     return loaded

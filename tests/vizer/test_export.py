@@ -12,6 +12,7 @@ from test_train import tiny_overrides
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shapescap.scenes import render, shapes_scenes
+from vizer import export
 from vizer.caption import Decoding, generate_captions, model_for_adapter
 from vizer.cli import main
 from vizer.config import load_recipe
@@ -124,6 +125,96 @@ def test_merge_never_replaces_a_folder_it_did_not_write(run_copy, tmp_path, caps
     assert main(["merge", str(run_copy), "--out", str(precious)]) == 2
     assert "was not written by `vizer merge`" in capsys.readouterr().err
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_merge_never_removes_a_partial_folder_it_did_not_create(run_copy, tmp_path, capsys):
+    # Fails if OUT.partial is cleared without checking whose it is (the user's folder of that name is lost).
+    out = tmp_path / "X"
+    mine = tmp_path / "X.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["merge", str(run_copy), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: merge:") and str(mine) in err and "\n" not in err
+    assert (mine / "notes.txt").read_text() == "keep me" and not out.exists()
+    shutil.rmtree(mine)  # a partial folder left by an interrupted merge is merge's own: cleared and redone
+    mine.mkdir()
+    (mine / export.MERGE_STARTED).write_text("x")
+    assert main(["merge", str(run_copy), "--out", str(out)]) == 0
+    assert export.is_current_merge(out, run_copy / "adapter") and not mine.exists()
+
+
+def test_a_merge_killed_while_replacing_the_old_one_never_leaves_a_current_looking_half(run_copy, monkeypatch):
+    # Fails if the old folder is deleted in place before the new one is moved in: a kill mid-delete leaves
+    # config files without weights, which still count as current (and `push --merged` would upload them).
+    out = export.merge(run_copy)
+    adapter = run_copy / "adapter"
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        for name in ("model.safetensors", "tokenizer.json"):
+            (Path(path) / name).unlink(missing_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        export.merge(run_copy)
+    monkeypatch.setattr(export.shutil, "rmtree", real_rmtree)
+    if export.is_current_merge(out, adapter):
+        assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    # a folder missing any file its merge wrote is not current, whatever else it holds
+    export.merge(run_copy)
+    assert export.is_current_merge(out, adapter)
+    (out / "tokenizer.json").unlink()
+    assert not export.is_current_merge(out, adapter)
+    assert export.merge(run_copy) == out and export.is_current_merge(out, adapter)
+
+
+def test_an_adapter_replaced_while_merging_is_never_recorded_as_merged(run_copy, monkeypatch, capsys):
+    # Fails if the fingerprint is taken after the model was loaded: a training run that saves a new adapter
+    # meanwhile makes a merge of the old weights count as current for the new ones.
+    import vizer.models
+
+    weights_file = run_copy / "adapter" / "adapter_model.safetensors"
+    real_load = vizer.models.load_with_adapter
+
+    def load_then_training_saves(model_cfg, adapter_dir):
+        loaded = real_load(model_cfg, adapter_dir)
+        save_file({k: v * 2 for k, v in load_file(weights_file).items()}, weights_file)
+        return loaded
+
+    monkeypatch.setattr(vizer.models, "load_with_adapter", load_then_training_saves)
+    assert main(["merge", str(run_copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "changed while merging" in err.splitlines()[-1] and "Traceback" not in err
+    assert not export.is_current_merge(run_copy / "merged", run_copy / "adapter")
+    assert not (run_copy / "merged.partial").exists()
+
+
+@pytest.mark.parametrize("fault", ["truncated", "another-base", "no-weights"])
+@pytest.mark.parametrize("command", ["merge", "eval"])
+def test_an_adapter_that_cannot_load_is_one_line(run_copy, capsys, fault, command):
+    # Fails if a cut-short weights file, an adapter of another base model or a weightless adapter folder
+    # reaches PEFT (a safetensors, PEFT or hub-id validation traceback).
+    weights_file = run_copy / "adapter" / "adapter_model.safetensors"
+    if fault == "truncated":
+        with weights_file.open("r+b") as f:
+            f.truncate(weights_file.stat().st_size - 100)
+    elif fault == "no-weights":
+        weights_file.unlink()
+        (run_copy / "adapter" / "adapter_model.bin").write_bytes(b"")  # a zero-byte file is no weights either
+    else:
+        recipe = yaml.safe_load((run_copy / "recipe.yaml").read_text())
+        recipe["model"].update(id="tiny:qwen2_vl", processor={})
+        (run_copy / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main([command, str(run_copy), *(["--limit", "2"] if command == "eval" else [])]) == 2
+    err = capsys.readouterr().err.strip()  # progress bars of the model load may come first
+    line = err.splitlines()[-1]
+    assert line.startswith("error: ") and "adapter" in line and "Traceback" not in err, err
+    assert {"truncated": "cut short", "another-base": "does not fit the base model tiny:qwen2_vl"}.get(
+        fault, ""
+    ) in line
+    assert not (run_copy / "merged").exists()
 
 
 # ---------------------------------------------------------------------------------------------- model card
