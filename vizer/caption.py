@@ -19,6 +19,7 @@ from data.sources import conversational_prompt
 from vizer.config import MODEL_SCHEMA, TOP_SCHEMA, RecipeError, load_recipe
 from vizer.models import LoadedModel, load_with_adapter
 from vizer.records import read_records
+from vizer.run_dir import fingerprint
 
 DEFAULT_PROMPT: str = TOP_SCHEMA["prompt"][1]
 
@@ -129,6 +130,41 @@ def report_skipped(names: Sequence[str], listing: Path) -> None:
     print(f"skipped {len(names)} unreadable image(s): {shown} (all listed in {listing})")
 
 
+MODEL_KEYS = ("id", "revision", "family", "quantization", "dtype", "processor")
+
+
+def caption_source(model_cfg: dict, adapter: Path | None, prompt: str, decoding: Decoding) -> dict:
+    """What the captions of a file come from: a rerun appends to it only when this is unchanged."""
+    return {
+        "model": {k: model_cfg.get(k) for k in MODEL_KEYS},
+        "adapter": fingerprint(adapter) if adapter is not None else None,  # also a full fine-tune's weights
+        "prompt": prompt,
+        "decoding": decoding.cache_key(),
+    }
+
+
+def check_source(out: Path, source: dict, done: int) -> None:
+    """Record what OUT's captions come from (OUT.source.json); refuse to add to captions of another source
+    (an adapter trained further, another prompt or decoding): one file never mixes two."""
+    path = out.with_name(out.stem + ".source.json")
+    if done:
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != source:
+            why = (
+                "another " + " and ".join(k for k in source if recorded.get(k) != source[k])
+                if isinstance(recorded, dict)
+                else f"an unknown source (no {path.name})"
+            )
+            raise RecipeError(
+                f"--out: {out} holds {done} captions from {why}; write to another --out, or delete it to start over"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(source, indent=1) + "\n")
+
+
 def caption_folder(
     adapter: Path | None,
     folder: Path,
@@ -165,6 +201,7 @@ def caption_folder(
         model_cfg = {**model_cfg, "id": str(adapter)}
     names = [p.relative_to(folder).as_posix() for p in good]
     done = read_done(out, set(names))
+    check_source(out, caption_source(model_cfg, adapter, prompt, decoding), len(done))
     todo = [i for i, name in enumerate(names) if name not in done]
     if done:
         print(f"{out}: {len(done)} of {len(names)} images already captioned; captioning the other {len(todo)}")

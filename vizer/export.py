@@ -7,7 +7,6 @@ python -m vizer push RUN --repo ID [--merged] [--private]   adapter (or merged m
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import yaml
 from vizer.config import RecipeError
 from vizer.model_ids import is_hub_id
 from vizer.records import read_records
-from vizer.run_dir import checkpoint_step, last_complete_checkpoint
+from vizer.run_dir import checkpoint_step, fingerprint, last_complete_checkpoint, weight_files
 
 MERGE_INFO = "merged_from.json"  # provenance and the file list; also what lets a rerun replace the folder safely
 MERGE_STARTED = ".vizer-merge"  # written first into OUT.partial: the folder is ours to clear on a rerun
@@ -58,26 +57,6 @@ def check_run(run: Path, command: str) -> Path:
 def is_full_model(folder: Path) -> bool:
     """A full fine-tune (lora.enabled: false) saves the whole model where the adapter would be."""
     return not (folder / "adapter_config.json").is_file() and (folder / "config.json").is_file()
-
-
-def weight_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix in (".safetensors", ".bin") and p.name != "training_args.bin" and p.stat().st_size > 0
-    )
-
-
-def fingerprint(adapter: Path) -> str:
-    """Identifies the trained weights, so a merged folder from an older adapter is rebuilt, not pushed."""
-    digest = hashlib.sha256()
-    for path in [*weight_files(adapter), adapter / "adapter_config.json"]:
-        if path.is_file():
-            digest.update(path.name.encode())
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def read_recipe(run: Path) -> dict:

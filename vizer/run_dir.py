@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -103,6 +104,27 @@ def _read_lock(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix in (".safetensors", ".bin") and p.name != "training_args.bin" and p.stat().st_size > 0
+    )
+
+
+def fingerprint(adapter: Path) -> str:
+    """Identifies the trained weights, so a merged folder from an older adapter is rebuilt, not pushed."""
+    digest = hashlib.sha256()
+    for path in [*weight_files(adapter), adapter / "adapter_config.json"]:
+        if path.is_file():
+            digest.update(path.name.encode())
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -11,8 +11,10 @@ from PIL import Image
 
 from data.images import split_readable
 from rewards import build_reward
+from shapescap.scenes import render, shapes_scenes
 from vizer.caption import caption_folder
 from vizer.cli import main
+from vizer.config import RecipeError
 
 
 def bomb_png() -> bytes:
@@ -175,3 +177,52 @@ def test_unreadable_inputs_are_one_line(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
+
+
+def test_caption_never_adds_captions_of_another_adapter_prompt_or_decoding(tmp_path, capsys):
+    # Fails if a rerun resumes into a captions file written by other weights (training went on), another prompt
+    # or other decoding: the file would mix two models' captions under one name.
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    import vizer.caption as caption
+    from vizer.models import load_model
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, scene in enumerate(shapes_scenes("validation", 2)):
+        render(scene).save(folder / f"{i}.png")
+    model_cfg = {**{k: v for k, (_, v) in caption.MODEL_SCHEMA.items()}, "id": "tiny:idefics3", "lora": {}}
+    model_cfg.update(dtype="float32", processor={"do_image_splitting": False})
+    out, decoding = tmp_path / "captions.jsonl", caption.Decoding(max_new_tokens=4, batch_size=2)
+    caption_folder(None, folder, out, model_cfg=model_cfg, decoding=decoding)
+    first = out.read_text()
+    caption_folder(None, folder, out, model_cfg=model_cfg, decoding=decoding)  # unchanged: resumes, nothing to do
+    assert out.read_text() == first and "2 of 2 images already captioned" in capsys.readouterr().out
+
+    lines = first.splitlines()
+    out.write_text(lines[0] + "\n")  # an interrupted run: one caption written
+    for changed, says in [
+        ({"prompt": "Say what you see."}, "another prompt"),
+        ({"decoding": caption.Decoding(max_new_tokens=6, batch_size=2)}, "another decoding"),
+        ({"model_cfg": {**model_cfg, "id": "tiny:qwen2_vl", "processor": {}}}, "another model"),
+    ]:
+        kwargs = {"model_cfg": model_cfg, "decoding": decoding, **changed}
+        with pytest.raises(RecipeError, match=rf"--out: {out} holds 1 captions from {says}"):
+            caption_folder(None, folder, out, **kwargs)
+        assert out.read_text() == lines[0] + "\n", "the file is left as it was"
+    (tmp_path / "captions.source.json").unlink()  # a file of unknown origin is not added to either
+    with pytest.raises(RecipeError, match="from an unknown source"):
+        caption_folder(None, folder, out, model_cfg=model_cfg, decoding=decoding)
+
+    # an adapter trained further between two runs into the same file
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=2, target_modules=r".*text_model.*\.q_proj", init_lora_weights=False)
+    get_peft_model(load_model(model_cfg, for_training=False).model, lora).save_pretrained(adapter)
+    out.unlink()
+    caption_folder(adapter, folder, out, model_cfg=model_cfg, decoding=decoding)
+    out.write_text(out.read_text().splitlines()[0] + "\n")
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v * 2 for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(RecipeError, match=rf"--out: {out} holds 1 captions from another adapter"):
+        caption_folder(adapter, folder, out, model_cfg=model_cfg, decoding=decoding)
