@@ -16,7 +16,7 @@ from accelerate import PartialState
 
 from data import build_dataset
 from data.images import UNREADABLE, to_rgb
-from rewards.latent import CONFIG
+from rewards.latent import CONFIG, Mapper
 from vizer.config import RecipeError
 from vizer.model_ids import resolve_model_id
 from vizer.models import load_model
@@ -60,6 +60,33 @@ def ensure_mapper(recipe: dict, out_dir: Path) -> Path:
         train_recipe_mapper(recipe, folder)
     state.wait_for_everyone()
     return folder
+
+
+def check_mapper(folder: Path, recipe: dict) -> Mapper:
+    """The mapper at `folder`, loaded on the CPU, or one line (before the policy loads) when it cannot serve
+    this recipe's model: unreadable or cut-short files, trained for another base model, or another width."""
+    where = "mapper.path" if recipe["mapper"]["path"] else "mapper"
+    try:
+        mapper = Mapper.load(folder)
+    except Exception as err:  # noqa: BLE001 (json, safetensors, shape or key errors: all mean "cannot use it")
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"'{where}': cannot load the mapper in {folder} ({detail})") from None
+    model_id = recipe["model"]["id"]
+    base, path = mapper.meta.get("base_model"), resolve_model_id(model_id)
+    if base and base not in (path, model_id):  # a mapper from another model's latents maps noise
+        raise RecipeError(
+            f"'{where}': the mapper in {folder} was trained for base model {base}, not {model_id}; train one for "
+            "this model (make mapper, without mapper.path)"
+        )
+    from transformers import AutoConfig  # heavy: only for a recipe that uses a mapper
+
+    hidden = AutoConfig.from_pretrained(path, revision=recipe["model"]["revision"]).get_text_config().hidden_size
+    if mapper.in_dim != hidden:
+        raise RecipeError(
+            f"'{where}': the mapper in {folder} takes latents of width {mapper.in_dim}, but {model_id}'s language "
+            f"model has {hidden}; train one for this model (make mapper, without mapper.path)"
+        )
+    return mapper
 
 
 def train_recipe_mapper(recipe: dict, folder: Path) -> Path:

@@ -31,7 +31,7 @@ from vizer.caption import report_skipped
 from vizer.config import GRPO_SCHEMA, VIZER_SCHEMA, RecipeError, dump_recipe, needs_mapper
 from vizer.families import detect_family
 from vizer.grpo import CaptionGRPOTrainer
-from vizer.mapper import ensure_mapper, mapper_dir
+from vizer.mapper import check_mapper, ensure_mapper, mapper_dir
 from vizer.model_ids import resolve_model_id
 from vizer.models import load_model, lora_config
 from vizer.objective import ViZerTrainer
@@ -209,6 +209,8 @@ def train(recipe: dict, out_dir: Path) -> Path:
     if recipe["objective"] == "grpo" and grpo.get("use_vllm"):
         family = detect_family(resolve_model_id(recipe["model"]["id"]), recipe["model"]["family"])
         check_vllm(True, family.name, recipe["model"]["quantization"], grpo["vllm_force"])
+    if needs_mapper(recipe) and recipe["mapper"]["path"]:
+        check_mapper(mapper_dir(recipe, out_dir), recipe)  # a mapper from elsewhere: before OUT is touched
     plan = trainer_settings(recipe, state.num_processes)[1]
     if plan is not None:
         state.print(plan.describe())
@@ -239,6 +241,7 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
     if needs_mapper(recipe):
         ensure_mapper(recipe, out_dir)  # Stage A first; reused when OUT/mapper (or mapper.path) is there
+        check_mapper(mapper_dir(recipe, out_dir), recipe)
 
     # rewards first: a plugin that cannot be built fails before minutes of loading the policy
     reward_funcs = build_rewards(recipe, str(state.device), out_dir) if recipe["objective"] == "grpo" else []

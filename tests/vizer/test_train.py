@@ -103,3 +103,37 @@ def test_unreachable_model_is_one_line_naming_the_key(tmp_path, override, culpri
     with pytest.raises(RecipeError) as err:
         train(load_recipe("tiny-shapes", [override]), tmp_path)
     assert str(err.value).startswith(culprit) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "another-base", "another-width", "no-weights"])
+def test_a_mapper_that_does_not_fit_the_model_is_one_line_before_anything_loads(tmp_path, capsys, fault):
+    # Fails if ViZer trains with a mapper of another base model without a word, or a cut-short file or another
+    # input width reaches safetensors or the first matmul (a traceback minutes in).
+    from transformers import AutoConfig
+
+    from rewards.latent import WEIGHTS, Mapper
+    from vizer.cli import main
+    from vizer.mapper import check_mapper
+    from vizer.model_ids import resolve_model_id
+
+    path = resolve_model_id("tiny:idefics3")
+    hidden = AutoConfig.from_pretrained(path).get_text_config().hidden_size
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    Mapper(hidden, hidden, 16, meta={"base_model": path}).save(good)
+    in_dim = hidden + 8 if fault == "another-width" else hidden
+    base = "someone/another-vlm" if fault == "another-base" else path
+    Mapper(in_dim, hidden, 16, meta={"base_model": base}).save(bad)
+    if fault == "truncated":
+        with (bad / WEIGHTS).open("r+b") as f:
+            f.truncate((bad / WEIGHTS).stat().st_size - 64)
+    elif fault == "no-weights":
+        (bad / WEIGHTS).unlink()
+    overrides = [*tiny_overrides("tiny-shapes"), "objective=vizer", "vizer.max_steps=1"]
+    assert check_mapper(good, load_recipe("tiny-shapes", [*overrides, f"mapper.path={good}"])).in_dim == hidden
+    out = tmp_path / "out"
+    assert main(["train", "tiny-shapes", "--out", str(out), *overrides, f"mapper.path={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: 'mapper.path': ") and str(bad) in err and "\n" not in err, err
+    says = {"another-base": "trained for base model someone/another-vlm", "another-width": f"width {in_dim}"}
+    assert says.get(fault, "cannot load the mapper") in err
+    assert not out.exists(), "refused before OUT was touched"
