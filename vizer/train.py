@@ -148,6 +148,27 @@ def prepare_resume(out_dir: Path, is_main: bool = True) -> str | None:
     return str(checkpoint) if checkpoint is not None else None
 
 
+def _size(dataset) -> str:
+    return str(len(dataset)) if hasattr(dataset, "__len__") else "a stream of"
+
+
+def check_one_step(dataset, args: GRPOConfig | TrainingArguments, objective: str) -> None:
+    """Refuse a dataset smaller than one optimizer step: the trainer would run no step and exit as if done.
+    A stream's length is unknown; the check after training catches that case."""
+    if not hasattr(dataset, "__len__"):
+        return
+    if objective == "grpo":  # TRL's sampler yields only whole generation batches of distinct images
+        needed, section = args.generation_batch_size // args.num_generations, "grpo"
+    else:
+        needed = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        section = "vizer"
+    if len(dataset) < needed:
+        raise RecipeError(
+            f"one optimizer step takes {needed} images but the data has {len(dataset)}: lower "
+            f"{section}.images_per_step (or the per-device batch), or add images"
+        )
+
+
 class Interrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C or SIGTERM after saving a checkpoint at the current step."""
 
@@ -231,6 +252,7 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
             allowed = check_rerun(recipe, out_dir)  # before anything in OUT changes
         skipped: list[str] = []  # filled as the data is read (for a stream, as training reaches it)
         train_dataset = build_dataset(recipe["data"], recipe["prompt"], skipped=skipped)
+        check_one_step(train_dataset, args, recipe["objective"])
         resume = prepare_resume(out_dir, state.is_main_process)
         if state.is_main_process:
             saved = out_dir / "recipe.yaml"
@@ -299,6 +321,8 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
         report_skipped(skipped, out_dir / "skipped.txt")
     if stop.requested:
         raise Interrupted(trainer.state.global_step, out_dir / f"checkpoint-{trainer.state.global_step}")
+    if trainer.state.global_step == 0:  # an untrained adapter saved as if trained is a silent wrong result
+        raise RecipeError(f"no optimizer step ran (data: {_size(train_dataset)} images); nothing saved to {out_dir}")
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))
     if state.is_main_process:

@@ -137,3 +137,24 @@ def test_a_mapper_that_does_not_fit_the_model_is_one_line_before_anything_loads(
     says = {"another-base": "trained for base model someone/another-vlm", "another-width": f"width {in_dim}"}
     assert says.get(fault, "cannot load the mapper") in err
     assert not out.exists(), "refused before OUT was touched"
+
+
+def test_data_smaller_than_one_optimizer_step_is_one_line_not_an_untrained_adapter(tmp_path, capsys):
+    # Fails if training starts on fewer images than one step takes: no step runs, an untrained adapter is
+    # saved and the command exits 0.
+    from shapescap.scenes import render, shapes_scenes
+    from vizer.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, scene in enumerate(shapes_scenes("validation", 3)):
+        render(scene).save(folder / f"{i}.png")
+    overrides = [*tiny_overrides("tiny-shapes"), "data.source=folder", f"data.path={folder}", "data.limit=null"]
+    out = tmp_path / "out"
+    assert main(["train", "tiny-shapes", "--out", str(out), *overrides, "grpo.images_per_step=4"]) == 2
+    err = capsys.readouterr().err.strip()  # a progress bar of the dataset map may come first
+    assert "Traceback" not in err and err.splitlines()[-1] == (
+        "error: one optimizer step takes 4 images but the data has 3: lower grpo.images_per_step (or the "
+        "per-device batch), or add images"
+    )
+    assert not (out / "adapter").exists()
