@@ -60,6 +60,7 @@ test-all: venv
 	$(OFFLINE) $(PY) -m pytest -q
 
 train: venv
+	@$(if $(ACCELERATE),$(PY) -m vizer gpus --processes $(GPUS))
 	$(LAUNCH) train $(RECIPE) --out $(OUT) $(ARGS)
 
 eval: venv

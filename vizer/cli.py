@@ -31,6 +31,14 @@ def _check(args: argparse.Namespace) -> None:
         print(plan.describe())
 
 
+def _gpus(args: argparse.Namespace) -> None:
+    import torch  # only for this command: counting the GPUs
+
+    from vizer.scale import check_gpus
+
+    check_gpus(args.processes, torch.cuda.device_count())
+
+
 def _mapper(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe["mapper_data"] is None:
@@ -89,6 +97,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--processes", type=int, default=1, help="check the batch split for this many processes (GPUs)")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=_check)
+    n = sub.add_parser("gpus", help="refuse (one line) to launch more processes than this machine has GPUs")
+    n.add_argument("--processes", type=int, required=True, help="processes about to be launched (make's GPUS)")
+    n.set_defaults(func=_gpus)
     e = sub.add_parser(
         "eval", help="base vs tuned captions on held-out images: RUN/eval/results.{json,md}, gallery.html"
     )

@@ -100,6 +100,16 @@ def check_launch(quantization: str, env: Mapping[str, str] = os.environ) -> None
         )
 
 
+def check_gpus(processes: int, available: int) -> None:
+    """Refuse, before `accelerate launch`, more processes than GPUs: without a GPU each would start as a
+    separate single-process run into the same OUT (the second refused by the first's lock, then a traceback)."""
+    if processes < 1:
+        raise RecipeError(f"GPUS must be at least 1, got {processes}")
+    if processes > available:
+        hint = "no GPUS or ACCELERATE (one process, on the CPU)" if available == 0 else f"GPUS={available} or fewer"
+        raise RecipeError(f"GPUS={processes}, but this machine has {available} GPU(s) visible to torch: use {hint}")
+
+
 # TRL's vLLM path is wrong for these, known upstream; a user who has checked a fix can force it
 VLLM_REFUSED = {
     "idefics3": "SmolVLM/Idefics3 prompts get their image tokens expanded twice under TRL's vLLM generation "

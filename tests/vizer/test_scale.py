@@ -20,7 +20,7 @@ from test_train import tiny_overrides
 import vizer.scale as scale
 import vizer.train as runner
 from vizer.config import RecipeError, load_recipe
-from vizer.scale import check_generation_groups, check_launch, check_vllm, split_global_batch
+from vizer.scale import check_generation_groups, check_gpus, check_launch, check_vllm, split_global_batch
 from vizer.train import training_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,3 +243,33 @@ def test_make_train_launches_through_accelerate_only_when_asked(variables, launc
     (line,) = [line for line in shown.stdout.splitlines() if "vizer train" in line]
     assert launch in " ".join(line.split()), line
     assert ("accelerate launch" in line) == bool(variables)
+
+
+def test_more_processes_than_gpus_is_refused_with_one_line_before_launching(tmp_path):
+    # Fails if `make train GPUS=2` reaches `accelerate launch` on a machine without GPUs: the two processes
+    # start as separate runs into one OUT, the second refused by its sibling's lock, then a torchrun traceback.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU visible, also on a machine that has some
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["make", "--no-print-directory", "train", "GPUS=2", f"OUT={out}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "accelerate launch" not in done.stdout, done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: GPUS=2, but this machine has 0 GPU(s) visible to torch: use no GPUS or ACCELERATE (one process, on the CPU)"
+    ]
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("processes, available", [(2, 0), (4, 2), (0, 2), (1, 0)])
+def test_an_accelerate_launch_needs_a_gpu_per_process(processes, available):
+    with pytest.raises(RecipeError, match="^GPUS"):
+        check_gpus(processes, available)
+    if available:
+        check_gpus(available, available)  # as many as there are: launched
