@@ -12,6 +12,7 @@ are kept in a bounded LRU cache keyed by `image_id` (or by the pixels when there
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import torch
@@ -157,8 +158,10 @@ class GroundingReward(Reward):
         return sims / counts.clamp(min=1)
 
 
+@functools.lru_cache(maxsize=4)
 def load_scorer(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any, Any]:
-    """Model, tokenizer and image processor of a CLIP/SigLIP-style checkpoint (hub id or folder)."""
+    """Model, tokenizer and image processor of a CLIP/SigLIP-style checkpoint (hub id or folder). Loaded once
+    per process: several rewards (and evaluation) that name the same scorer share it, frozen."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     path = model

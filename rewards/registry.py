@@ -27,6 +27,8 @@ BUILTINS: dict[str, str] = {
     "repetition": "rewards.guards:repetition",
     "degenerate": "rewards.guards:degenerate",
     "latent": "rewards.latent:latent",
+    "phrase_grounding": "rewards.phrase_level:phrase_grounding",
+    "phrase_agreement": "rewards.phrase_level:phrase_agreement",
 }
 RESERVED = ("name", "weight", "id")
 # Filled in by the runner when the factory takes them and the entry does not set them: the training device, the
