@@ -40,7 +40,10 @@ PARK = frozenset({"dog", "ball", "bench", "wooden", "red", "two"})
     "right, wrong",
     [
         # an object that is not there
-        ("Two dogs playing with a red ball next to a wooden bench.", "Two dogs playing with a red ball, a cat and a wooden bench."),
+        (
+            "Two dogs playing with a red ball next to a wooden bench.",
+            "Two dogs playing with a red ball, a cat and a wooden bench.",
+        ),
         # the same object twice
         ("A dog with a red ball.", "A dog with a red ball and a dog."),
         # a wrong attribute bound to a real object
