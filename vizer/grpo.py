@@ -1,11 +1,22 @@
-"""The runner's GRPOTrainer: TRL's, with the data order made a function of (seed, epoch) so that a resumed
-run sees the same images at the same steps as one that never stopped."""
+"""The runner's GRPOTrainer: TRL's, with
+- the data order made a function of (seed, epoch), so that a resumed run sees the same images at the same steps
+  as one that never stopped;
+- each logging step's time split into `timing/*` phases (`vizer.step_timing`), logged with TRL's own metrics.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
 from torch.utils.data import Sampler
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler
+
+from vizer.step_timing import PhaseClock
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -18,7 +29,85 @@ class EpochSeededRepeatSampler(RepeatSampler):
             self.generator.manual_seed((self.seed or 0) + epoch)
 
 
+@contextlib.contextmanager
+def instance_wrapped(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """`obj.name` replaced by `wrap(obj.name)` on this instance for the duration (nothing when obj is None);
+    afterwards the instance is as before (the processor is saved with the adapter: no wrapper may stay)."""
+    if obj is None:
+        yield
+        return
+    had, before = name in vars(obj), vars(obj).get(name)
+    setattr(obj, name, wrap(getattr(obj, name)))
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, before)
+        else:
+            delattr(obj, name)
+
+
+class _StartClock(TrainerCallback):
+    """The first interval starts with training, not with building the trainer."""
+
+    def __init__(self, clock: PhaseClock) -> None:
+        self.clock = clock
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.clock.restart()
+
+
 class CaptionGRPOTrainer(GRPOTrainer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        on_gpu = self.accelerator.device.type == "cuda"
+        self.clock = PhaseClock(sync=torch.cuda.synchronize if on_gpu else lambda: None)
+        self.add_callback(_StartClock(self.clock))
+
+    # -- timing seams: each wraps one upstream method in its phase (see vizer.step_timing) --------------------
+
+    def training_step(self, *args: Any, **kwargs: Any):
+        with self.clock.phase("forward_backward"):  # the loss forward and backward; generation nests inside
+            return super().training_step(*args, **kwargs)
+
+    def _generate_and_score_completions(self, *args: Any, **kwargs: Any):
+        # padding, advantages, ...: not the training step's own work. The processor runs a second time in here
+        # (for the log-prob forwards), where no method of the trainer wraps it: its image processor is timed.
+        with self.clock.phase("other"), instance_wrapped(self._image_processor, "preprocess", self._timed_preprocess):
+            return super()._generate_and_score_completions(*args, **kwargs)
+
+    @property
+    def _image_processor(self) -> Any:
+        return getattr(self.processing_class, "image_processor", None)
+
+    def _timed_preprocess(self, preprocess: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any):
+            with self.clock.phase("preprocess"):
+                return preprocess(*args, **kwargs)
+
+        return timed
+
+    def _tokenize_prompts(self, *args: Any, **kwargs: Any):
+        with self.clock.phase("preprocess"):
+            return super()._tokenize_prompts(*args, **kwargs)
+
+    def _generate_single_turn(self, *args: Any, **kwargs: Any):
+        with self.clock.phase("generation"):
+            return super()._generate_single_turn(*args, **kwargs)
+
+    def _calculate_rewards(self, *args: Any, **kwargs: Any):
+        with self.clock.phase("reward"):
+            return super()._calculate_rewards(*args, **kwargs)
+
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
+        with self.clock.phase("forward_backward"):  # old/reference log-probs and the loss forward
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training logging step (not eval, not the end-of-training summary)
+            logs.update(self.clock.take())
+        super().log(logs, start_time)
+
     def _get_train_sampler(self, dataset=None) -> Sampler:
         sampler = super()._get_train_sampler(dataset)
         if type(sampler) is not RepeatSampler:
