@@ -5,8 +5,8 @@
 #   benchmarks/gpu_step.sh [CSV]          # default: $OUT/gpu_steps.csv (or ./gpu_steps.csv)
 #
 # Writes one CSV row per side as it finishes (model, quant, shared, peak_gb = torch.cuda.max_memory_allocated
-# in 2^30 bytes, step_s, generation_s, training_s, ...) and the runs' output to <CSV>.log. A run that would
-# pass the time budget is skipped and named in the log, so the rows written so far always come back.
+# in 2^30 bytes, step_s and its split preprocess_s, generation_s, reward_s, forward_backward_s, other_s) and
+# the runs' output to <CSV>.log. A run that would pass the time budget is skipped and named in the log, so the rows written so far always come back.
 # Knobs (environment): MODELS, QUANTS, STEPS (timed steps after one warm-up), BUDGET_S, DEVICE, PYTHON,
 # DRY_RUN=1 (build models and trainers, no steps: with DEVICE=cpu MODELS=smolvlm256 it checks this path on a CPU).
 set -uo pipefail

@@ -10,7 +10,8 @@ The offline tokenizer is smaller than the published vocabulary, so generation is
 
 Each side runs in its own process (so peak memory is its own: RSS on the CPU, torch.cuda.max_memory_allocated
 on a GPU; GB here are 2^30 bytes); sides alternate, `repeats` times, and the median seconds per step (after a warm-up step) is
-reported with its split into generation, reward and the rest (log-probs and the training forward/backward).
+reported with its split as `make train` logs it (`timing/*`): preprocess (the processor), generation, reward,
+forward_backward (log-prob forwards, the loss forward and backward) and other (the rest of the step).
 The shared side asks `vizer.shared_vision.why_not_shared` first; when it names a reason (e.g. a family whose
 tower cannot share), the reason goes to stderr and that side runs, and is reported, as stock.
 
@@ -30,23 +31,22 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 G = 8
 MODELS = ("smolvlm256", "smolvlm500", "smolvlm2b", "qwen2vl2b")  # = benchmarks.real_sized.NAMES
 DEFAULT_MAX_PIXELS = 256 * 28 * 28
-PARTS = ("step_s", "generation_s", "reward_s", "training_s", "peak_gb")
+# the step's split, as `make train` logs it (timing/<phase>, vizer.step_timing)
+SPLIT = ("preprocess_s", "generation_s", "reward_s", "forward_backward_s", "other_s")
+PARTS = ("step_s", *SPLIT, "peak_gb")
 CSV_FIELDS = (
     "model",
     "quant",
     "shared",
     "peak_gb",
     "step_s",
-    "generation_s",
-    "training_s",
-    "reward_s",
+    *SPLIT,
     "image_tokens",
     "device",
     "note",
@@ -190,8 +190,8 @@ def _run_side(shared: bool, options: argparse.Namespace) -> dict:
     model, processor = load(options)
     rows = train_rows(options.steps + 1, options.image_size)
     tokens = real_sized.image_tokens(processor, rows[0]["image"])
-    timing: dict[str, list[float]] = {"generation": [], "reward": [], "step": []}
-    trainer = _trainer(options, model, processor, rows, timing)
+    steps: list[dict[str, float]] = []
+    trainer = _trainer(options, model, processor, rows, steps)
     fallback, hook = _share(trainer, options.model, shared)
     result = {"path": "stock" if hook is None else "shared", "fallback": fallback, "image_tokens": tokens}
     if options.dry_run:
@@ -199,10 +199,12 @@ def _run_side(shared: bool, options: argparse.Namespace) -> dict:
         built = {**dict.fromkeys(PARTS, 0.0), "peak_gb": _peak_gb(options.device)}
         return {**result, "parameters": real_sized.parameter_count(model), **built}
     trainer.train()
-    return {**result, **_summary(timing, options.device), "tiles_encoded": getattr(hook, "tiles_encoded", None)}
+    return {**result, **_summary(steps, options.device), "tiles_encoded": getattr(hook, "tiles_encoded", None)}
 
 
-def _trainer(options: argparse.Namespace, model: Any, processor: Any, rows: Any, timing: dict) -> Any:
+def _trainer(options: argparse.Namespace, model: Any, processor: Any, rows: Any, steps: list) -> Any:
+    """The runner's trainer; each step's `timing/*` split (its own clock, as `make train` logs it) goes to
+    `steps`."""
     from transformers import TrainerCallback
 
     from benchmarks import real_sized
@@ -210,55 +212,27 @@ def _trainer(options: argparse.Namespace, model: Any, processor: Any, rows: Any,
     from vizer.grpo import CaptionGRPOTrainer
     from vizer.models import lora_config
 
-    sync = _synchronizer(options.device)
-
     def length(completions, **kwargs):
-        start = time.perf_counter()
-        out = [float(len(c[0]["content"].split())) for c in completions]
-        timing["reward"].append(time.perf_counter() - start)
-        return out
+        return [float(len(c[0]["content"].split())) for c in completions]
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            sync()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            sync()
-            timing["step"].append(time.perf_counter() - self.start)
+    class Split(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "timing/other" in logs:
+                steps.append({f"{k.removeprefix('timing/')}_s": v for k, v in logs.items() if k.startswith("timing/")})
 
     family = FAMILIES[real_sized.family(options.model)]
     lora = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "language", "enabled": True}
     peft = lora_config(lora, model, family)
     assert peft.target_modules == language_lora_targets(model, family)
-    trainer = CaptionGRPOTrainer(
+    return CaptionGRPOTrainer(
         model=model,
         reward_funcs=[length],
         args=grpo_args(options, model, processor),
         train_dataset=rows,
         processing_class=processor,
         peft_config=peft,
-        callbacks=[Clock()],
+        callbacks=[Split()],
     )
-    generate = trainer._generate_single_turn
-
-    def timed_generate(*a, **k):
-        sync()
-        start = time.perf_counter()
-        out = generate(*a, **k)
-        sync()
-        timing["generation"].append(time.perf_counter() - start)
-        return out
-
-    trainer._generate_single_turn = timed_generate
-    return trainer
-
-
-def _synchronizer(device: str):
-    import torch
-
-    # GPU kernels run asynchronously: wait for them at every clock reading
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
 def _share(trainer: Any, name: str, shared: bool) -> tuple[str | None, Any]:
@@ -276,16 +250,11 @@ def _share(trainer: Any, name: str, shared: bool) -> tuple[str | None, Any]:
     return None, share_vision(trainer.model, family)
 
 
-def _summary(timing: dict, device: str) -> dict:
-    keep = slice(1, None)  # the first step pays one-off costs
-    step, gen, reward = (statistics.median(timing[k][keep]) for k in ("step", "generation", "reward"))
-    return {
-        "step_s": step,
-        "generation_s": gen,
-        "reward_s": reward,
-        "training_s": step - gen - reward,
-        "peak_gb": _peak_gb(device),
-    }
+def _summary(steps: list[dict[str, float]], device: str) -> dict:
+    """Median seconds per phase over the timed steps (the first pays one-off costs); a step is its five phases."""
+    timed = steps[1:] or steps
+    split = {part: statistics.median(step[part] for step in timed) for part in SPLIT}
+    return {"step_s": statistics.median(sum(step.values()) for step in timed), **split, "peak_gb": _peak_gb(device)}
 
 
 def _peak_gb(device: str) -> float:
@@ -304,7 +273,7 @@ def append_csv(path: Path, options: argparse.Namespace, side: str, result: dict)
         "model": label(options),
         "quant": options.quant,
         "shared": "yes" if result["path"] == "shared" else ("no" if side == "stock" else "fallback"),
-        **{k: f"{result[k]:.4f}" for k in ("peak_gb", "step_s", "generation_s", "training_s", "reward_s")},
+        **{k: f"{result[k]:.4f}" for k in ("peak_gb", "step_s", *SPLIT)},
         "image_tokens": result["image_tokens"],
         "device": options.device,
         "note": result.get("fallback") or ("dry run" if options.dry_run else ""),

@@ -84,12 +84,13 @@ def test_generation_is_kept_inside_the_offline_tokenizer(processors):
 
 
 def test_default_result_names_are_kept(monkeypatch):
-    side = {"step_s": 2.0, "generation_s": 1.0, "reward_s": 0.0, "training_s": 1.0, "peak_gb": 4.0}
+    side = {**dict.fromkeys(grpo_step.PARTS, 0.5), "step_s": 2.0, "peak_gb": 4.0}
     steps = {"stock": dict(side, step_s=8.0, image_tokens=64), "shared": dict(side, image_tokens=64)}
     monkeypatch.setattr(grpo_step, "run_side", lambda options, name: steps[name])
     results = grpo_step.compare(grpo_step.parse(["--repeats", "1"]))
     assert results["grpo_step_speedup_smolvlm256"] == 4.0
     assert results["grpo_shared_image_tokens_smolvlm256"] == 64
+    assert results["grpo_stock_preprocess_s_smolvlm256"] == 0.5, "the split as make train logs it"
     assert "grpo_peak_rss_ratio_smolvlm256" in results
     other = grpo_step.compare(grpo_step.parse(["--model", "qwen2vl2b", "--max-pixels", str(1024 * 28 * 28)]))
     assert "grpo_step_speedup_qwen2vl2b_px1024" in other
