@@ -1,7 +1,8 @@
 """The runner's GRPOTrainer: TRL's, with
 - the data order made a function of (seed, epoch), so that a resumed run sees the same images at the same steps
   as one that never stopped;
-- each logging step's time split into `timing/*` phases (`vizer.step_timing`), logged with TRL's own metrics.
+- each logging step's time split into `timing/*` phases (`vizer.step_timing`), logged with TRL's own metrics;
+- optionally each distinct picture of a step preprocessed once (`preprocess_once`, `vizer.preprocess_once`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler
 
+from vizer.preprocess_once import PreprocessOnce
 from vizer.step_timing import PhaseClock
 
 
@@ -63,6 +65,7 @@ class CaptionGRPOTrainer(GRPOTrainer):
         on_gpu = self.accelerator.device.type == "cuda"
         self.clock = PhaseClock(sync=torch.cuda.synchronize if on_gpu else lambda: None)
         self.add_callback(_StartClock(self.clock))
+        self.preprocess_once: PreprocessOnce | None = None  # set by the runner where it applies
 
     # -- timing seams: each wraps one upstream method in its phase (see vizer.step_timing) --------------------
 
@@ -73,14 +76,23 @@ class CaptionGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, *args: Any, **kwargs: Any):
         # padding, advantages, ...: not the training step's own work. The processor runs a second time in here
         # (for the log-prob forwards), where no method of the trainer wraps it: its image processor is timed.
-        with self.clock.phase("other"), instance_wrapped(self._image_processor, "preprocess", self._timed_preprocess):
-            return super()._generate_and_score_completions(*args, **kwargs)
+        # With preprocess_once, both of TRL's processor passes over the batch are served from one pass over its
+        # distinct pictures, cached for this batch only.
+        try:
+            with self.clock.phase("other"), instance_wrapped(self._image_processor, "preprocess", self._preprocess):
+                return super()._generate_and_score_completions(*args, **kwargs)
+        finally:
+            if self.preprocess_once is not None:
+                self.preprocess_once.clear()
 
     @property
     def _image_processor(self) -> Any:
         return getattr(self.processing_class, "image_processor", None)
 
-    def _timed_preprocess(self, preprocess: Callable) -> Callable:
+    def _preprocess(self, preprocess: Callable) -> Callable:
+        if self.preprocess_once is not None:
+            preprocess = self.preprocess_once.wrap(preprocess)
+
         def timed(*args: Any, **kwargs: Any):
             with self.clock.phase("preprocess"):
                 return preprocess(*args, **kwargs)

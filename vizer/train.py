@@ -35,6 +35,7 @@ from vizer.mapper import check_mapper, ensure_mapper, mapper_dir
 from vizer.model_ids import resolve_model_id
 from vizer.models import load_model, lora_config
 from vizer.objective import ViZerTrainer
+from vizer.preprocess_once import PreprocessOnce
 from vizer.recipe_rewards import build_rewards, print_rewards
 from vizer.run_dir import (
     check_rerun,
@@ -53,6 +54,7 @@ from vizer.scale import (
     hardware,
     report_to,
 )
+from vizer.shared_vision import SUPPORTED_FAMILIES as SHARED_FAMILIES
 from vizer.shared_vision import share_vision, why_not_shared
 
 # TRL still passes the old name to transformers; the message says nothing the user can act on.
@@ -219,6 +221,19 @@ def vision_path(setting: str | bool, model: torch.nn.Module, family: str, state:
         state.print(f"vision: stock path, every completion encodes its image ({reason})")
 
 
+def preprocess_path(setting: str | bool, trainer: CaptionGRPOTrainer, family: str, state: PartialState) -> None:
+    """Preprocess each distinct picture of a step once (always exact: the processor's own values are reused),
+    under the same switch as group-shared vision; say which path runs."""
+    if setting is not False and family in SHARED_FAMILIES:
+        trainer.preprocess_once = PreprocessOnce()
+        state.print(
+            "preprocessing: each distinct picture processed once per step, reused by its group (model.share_vision)"
+        )
+    else:
+        why = "model.share_vision is false" if setting is False else f"not written for the {family} family"
+        state.print(f"preprocessing: stock path, the processor runs on every completion's copy, twice a step ({why})")
+
+
 def train(recipe: dict, out_dir: Path) -> Path:
     """Train and return OUT/adapter. Under `accelerate launch`, only the main process prints and writes
     OUT's own files (recipe.yaml, metrics.jsonl, mapper/); the others stay quiet."""
@@ -306,6 +321,8 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
             callbacks=callbacks,
         )
     vision_path(recipe["model"]["share_vision"], trainer.model, loaded.family.name, state)
+    if isinstance(trainer, CaptionGRPOTrainer):
+        preprocess_path(recipe["model"]["share_vision"], trainer, loaded.family.name, state)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except OSError as err:

@@ -80,6 +80,7 @@ def test_a_short_run_trains_the_same_adapter_either_way(family, tmp_path, capsys
         adapters[setting] = load_file(str(tmp_path / setting / "adapter" / "adapter_model.safetensors"))
     said = capsys.readouterr().out
     assert "vision: stock path" in said and "vision: each distinct image encoded once per step" in said
+    assert "preprocessing: stock path" in said and "preprocessing: each distinct picture processed once" in said
     for key, value in adapters["false"].items():
         torch.testing.assert_close(adapters["auto"][key], value, atol=1e-5, rtol=1e-4, msg=key)
 

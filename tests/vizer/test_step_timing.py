@@ -42,7 +42,8 @@ def test_nested_phases_charge_each_second_once():
     assert clock.take()["timing/other"] == 2.0, "each take starts a new interval"
 
 
-def test_make_train_logs_where_the_time_goes(tmp_path):
+def test_make_train_logs_where_the_time_goes(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # an earlier run in this process set it
     recipe = load_recipe("tiny-shapes", [*tiny_overrides("tiny-shapes"), "grpo.max_steps=3"])
     train(recipe, tmp_path)
     steps = [m for m in read_metrics(tmp_path) if "loss" in m]
