@@ -1,6 +1,7 @@
-"""One GRPO step of a real-sized captioner, stock TRL vs group-shared vision, side by side.
+"""One GRPO step of a real-sized captioner, stock TRL vs the runner's shared path, side by side.
 
     python -m benchmarks.grpo_step [--model smolvlm256] [--repeats 2] [--steps 2]
+    python -m benchmarks.grpo_step --recipe smolvlm256-openimages --device cuda --repeats 1
     python -m benchmarks.grpo_step --model qwen2vl2b --max-pixels 200704
     python -m benchmarks.grpo_step --model smolvlm2b --device cuda --quant 4bit --repeats 1 --csv steps.csv
 
@@ -12,8 +13,17 @@ Each side runs in its own process (so peak memory is its own: RSS on the CPU, to
 on a GPU; GB here are 2^30 bytes); sides alternate, `repeats` times, and the median seconds per step (after a warm-up step) is
 reported with its split as `make train` logs it (`timing/*`): preprocess (the processor), generation, reward,
 forward_backward (log-prob forwards, the loss forward and backward) and other (the rest of the step).
-The shared side asks `vizer.shared_vision.why_not_shared` first; when it names a reason (e.g. a family whose
-tower cannot share), the reason goes to stderr and that side runs, and is reported, as stock.
+The shared side preprocesses each distinct picture once (`vizer.preprocess_once`) and asks
+`vizer.shared_vision.why_not_shared` before sharing the vision tower; when it names a reason (e.g. a family whose
+tower cannot share), the reason goes to stderr and the vision tower runs, and is reported, as stock.
+Each side also reports images/s (distinct pictures per second of step) and `preprocess_calls_per_distinct_image`
+(pictures the image processor was handed per distinct picture of the run: 2G for stock TRL, 1 when shared).
+
+Without `--recipe`: G=8, one picture per step, all 8 completions in one forward, 16-token captions. With
+`--recipe NAME`, the recipe's G, images_per_step, per-device batch, completion length, quantization, gradient
+checkpointing and processor options on the random real-sized model of its checkpoint
+(`benchmarks/recipe_settings.py`); flags given as well override the recipe's values. Pictures are 512x512
+(`--image-size`), the size the SmolVLM processors resize to.
 
 Training runs with gradient checkpointing, as the shipped recipes do (`--no-gradient-checkpointing` turns it
 off; result names then end in `_nogc`). `--quant 4bit` loads the random model through bitsandbytes NF4 (vision tower and LM head unquantized, as
@@ -34,19 +44,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-G = 8
 MODELS = ("smolvlm256", "smolvlm500", "smolvlm2b", "qwen2vl2b")  # = benchmarks.real_sized.NAMES
 DEFAULT_MAX_PIXELS = 256 * 28 * 28
 # the step's split, as `make train` logs it (timing/<phase>, vizer.step_timing)
 SPLIT = ("preprocess_s", "generation_s", "reward_s", "forward_backward_s", "other_s")
-PARTS = ("step_s", *SPLIT, "peak_gb")
+PARTS = ("step_s", *SPLIT, "peak_gb", "images_per_s", "preprocess_calls_per_distinct_image")
+# the benchmark's own settings where no recipe is named
+PLAIN = {"generations": 8, "images_per_step": 1, "per_device": 8, "completion_length": 16}
 CSV_FIELDS = (
     "model",
     "quant",
     "shared",
     "peak_gb",
     "step_s",
+    "images_per_s",
     *SPLIT,
+    "preprocess_calls_per_distinct_image",
     "image_tokens",
     "device",
     "note",
@@ -68,11 +81,15 @@ def load(options: argparse.Namespace) -> tuple[Any, Any]:
             options.model,
             image_splitting=options.image_splitting,
             max_pixels=options.max_pixels,
+            min_pixels=options.min_pixels,
             dtype=dtype,
             device=options.device,
         )
     processor = real_sized.build_processor(
-        options.model, image_splitting=options.image_splitting, max_pixels=options.max_pixels
+        options.model,
+        image_splitting=options.image_splitting,
+        max_pixels=options.max_pixels,
+        min_pixels=options.min_pixels,
     )
     processor.tokenizer.padding_side = "left"
     return _load_quantized(options, processor, dtype), processor
@@ -131,7 +148,7 @@ def picture(scene: Any, size: tuple[int, int]) -> Any:
 
 
 def train_rows(count: int, size: tuple[int, int]) -> Any:
-    """One distinct image per step (so no step can reuse another's features), each with a caption prompt."""
+    """Distinct images (so no step can reuse another's features), each with a caption prompt."""
     from datasets import Dataset
     from datasets import Image as ImageFeature
 
@@ -151,13 +168,18 @@ def grpo_args(options: argparse.Namespace, model: Any, processor: Any) -> Any:
 
     from benchmarks import real_sized
     from vizer.objective import suppressed_ids
+    from vizer.scale import batch_settings
 
     on_gpu = options.device.startswith("cuda")
+    # images_per_step x G completions per optimizer step, per_device of them per forward (as the runner splits it)
+    batch, _ = batch_settings(
+        {"per_device_train_batch_size": options.per_device}, options.images_per_step, options.generations, 1, "grpo"
+    )
     return GRPOConfig(
         output_dir="/tmp/vizer-bench-grpo",
-        per_device_train_batch_size=G,  # one image x G captions per step
-        num_generations=G,
-        max_completion_length=16,
+        **batch,
+        num_generations=options.generations,
+        max_completion_length=options.completion_length,
         max_steps=options.steps + 1,
         learning_rate=1e-5,
         bf16=_dtype(options.device) == torch.bfloat16,
@@ -188,10 +210,12 @@ def _run_side(shared: bool, options: argparse.Namespace) -> dict:
     if not options.device.startswith("cuda"):
         torch.set_num_threads(2)  # as on the 2-core CI machine; a fresh process starts its GPU peak at zero
     model, processor = load(options)
-    rows = train_rows(options.steps + 1, options.image_size)
+    pictures = (options.steps + 1) * options.images_per_step  # the warm-up step's too
+    rows = train_rows(pictures, options.image_size)
     tokens = real_sized.image_tokens(processor, rows[0]["image"])
     steps: list[dict[str, float]] = []
     trainer = _trainer(options, model, processor, rows, steps)
+    handed = _count_preprocessed(processor.image_processor)  # from here on: what training hands the processor
     fallback, hook = _share(trainer, options.model, shared)
     result = {"path": "stock" if hook is None else "shared", "fallback": fallback, "image_tokens": tokens}
     if options.dry_run:
@@ -199,7 +223,28 @@ def _run_side(shared: bool, options: argparse.Namespace) -> dict:
         built = {**dict.fromkeys(PARTS, 0.0), "peak_gb": _peak_gb(options.device)}
         return {**result, "parameters": real_sized.parameter_count(model), **built}
     trainer.train()
-    return {**result, **_summary(steps, options.device), "tiles_encoded": getattr(hook, "tiles_encoded", None)}
+    summary = _summary(steps, options.device)
+    return {
+        **result,
+        **summary,
+        "images_per_s": _ratio(options.images_per_step, summary["step_s"]),
+        "preprocess_calls_per_distinct_image": handed["images"] / pictures,
+        "tiles_encoded": getattr(hook, "tiles_encoded", None),
+    }
+
+
+def _count_preprocessed(image_processor: Any) -> dict[str, int]:
+    """Counts the pictures handed to the image processor's own preprocess (under any caching in front of it)."""
+    handed = {"images": 0}
+    preprocess = image_processor.preprocess
+
+    def counted(images: Any, *args: Any, **kwargs: Any) -> Any:
+        rows = images if isinstance(images, (list, tuple)) else [images]
+        handed["images"] += sum(len(r) if isinstance(r, (list, tuple)) else 1 for r in rows)
+        return preprocess(images, *args, **kwargs)
+
+    image_processor.preprocess = counted
+    return handed
 
 
 def _trainer(options: argparse.Namespace, model: Any, processor: Any, rows: Any, steps: list) -> Any:
@@ -236,13 +281,16 @@ def _trainer(options: argparse.Namespace, model: Any, processor: Any, rows: Any,
 
 
 def _share(trainer: Any, name: str, shared: bool) -> tuple[str | None, Any]:
-    """(reason the shared side runs stock, installed hook); the decision is vizer.shared_vision's."""
+    """(reason the shared side's vision runs stock, installed hook); the decision is vizer.shared_vision's.
+    The shared side preprocesses each distinct picture once, as `make train` does for these families."""
     if not shared:
         return None, None
     from benchmarks import real_sized
+    from vizer.preprocess_once import PreprocessOnce
     from vizer.shared_vision import share_vision, why_not_shared
 
     family = real_sized.family(name)
+    trainer.preprocess_once = PreprocessOnce()
     reason = why_not_shared(trainer.model, family)
     if reason:
         print(f"grpo_step: {name}: the shared side runs the stock path: {reason}", file=sys.stderr, flush=True)
@@ -273,7 +321,8 @@ def append_csv(path: Path, options: argparse.Namespace, side: str, result: dict)
         "model": label(options),
         "quant": options.quant,
         "shared": "yes" if result["path"] == "shared" else ("no" if side == "stock" else "fallback"),
-        **{k: f"{result[k]:.4f}" for k in ("peak_gb", "step_s", *SPLIT)},
+        **{k: f"{result[k]:.4f}" for k in ("peak_gb", "step_s", "images_per_s", *SPLIT)},
+        "preprocess_calls_per_distinct_image": f"{result['preprocess_calls_per_distinct_image']:.2f}",
         "image_tokens": result["image_tokens"],
         "device": options.device,
         "note": result.get("fallback") or ("dry run" if options.dry_run else ""),
@@ -291,12 +340,23 @@ def append_csv(path: Path, options: argparse.Namespace, side: str, result: dict)
 
 
 def label(options: argparse.Namespace) -> str:
-    """The model name in result names; non-default image settings are spelled out."""
-    name = options.model
-    if options.image_splitting and not name.startswith("qwen"):
-        name += "_split"
-    if name.startswith("qwen") and options.max_pixels not in (None, DEFAULT_MAX_PIXELS):
+    """The model (or recipe) name in result names; settings other than the model's (recipe's) are spelled out."""
+    base = {**PLAIN, "image_splitting": False, "max_pixels": None, "quant": "none", **options.recipe_settings}
+    name = options.recipe.replace("-", "_") if options.recipe else options.model
+    if options.image_splitting != base["image_splitting"] and not options.model.startswith("qwen"):
+        name += "_split" if options.image_splitting else "_nosplit"
+    if options.model.startswith("qwen") and options.max_pixels not in (None, DEFAULT_MAX_PIXELS, base["max_pixels"]):
         name += f"_px{options.max_pixels // (28 * 28)}"
+    for key, short in (
+        ("generations", "g"),
+        ("images_per_step", "ips"),
+        ("per_device", "pd"),
+        ("completion_length", "len"),
+    ):
+        if getattr(options, key) != base[key]:
+            name += f"_{short}{getattr(options, key)}"
+    if options.recipe and options.quant != base["quant"]:
+        name += f"_{options.quant}"
     if tuple(options.image_size) != (512, 512):
         name += f"_{options.image_size[0]}x{options.image_size[1]}"
     if not options.gradient_checkpointing:
@@ -306,14 +366,19 @@ def label(options: argparse.Namespace) -> str:
 
 def side_command(options: argparse.Namespace, side: str) -> list[str]:
     command = [sys.executable, "-m", "benchmarks.grpo_step", "--side", side, "--model", options.model]
+    if options.recipe:  # for the result names; every value it set is passed explicitly below
+        command += ["--recipe", options.recipe]
     command += ["--steps", str(options.steps), "--device", options.device, "--quant", options.quant]
+    command += ["--generations", str(options.generations), "--images-per-step", str(options.images_per_step)]
+    command += ["--per-device", str(options.per_device), "--completion-length", str(options.completion_length)]
     command += ["--image-size", f"{options.image_size[0]}x{options.image_size[1]}"]
-    if options.image_splitting:
-        command.append("--image-splitting")
+    command.append("--image-splitting" if options.image_splitting else "--no-image-splitting")
     if not options.gradient_checkpointing:
         command.append("--no-gradient-checkpointing")
     if options.max_pixels is not None:
         command += ["--max-pixels", str(options.max_pixels)]
+    if options.min_pixels is not None:
+        command += ["--min-pixels", str(options.min_pixels)]
     if options.csv:
         command += ["--csv", str(options.csv)]
     if options.dry_run:
@@ -338,6 +403,7 @@ def compare(options: argparse.Namespace) -> dict[str, float]:
     results = {
         f"grpo_step_speedup_{name}": _ratio(med["stock"]["step_s"], med["shared"]["step_s"]),
         f"grpo_{memory}_{name}": _ratio(med["stock"]["peak_gb"], med["shared"]["peak_gb"]),
+        f"grpo_preprocess_time_ratio_{name}": _ratio(med["stock"]["preprocess_s"], med["shared"]["preprocess_s"]),
     }
     for side, rs in runs.items():
         for part in PARTS:
@@ -357,13 +423,24 @@ def _size(text: str) -> tuple[int, int]:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.grpo_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", help="take G, batch sizes, completion length, quantization and processor options")
     parser.add_argument("--model", choices=MODELS, default="smolvlm256")
+    parser.add_argument("--generations", type=int, default=PLAIN["generations"], help="G, completions per picture")
+    parser.add_argument("--images-per-step", type=int, default=PLAIN["images_per_step"])
+    parser.add_argument("--per-device", type=int, default=PLAIN["per_device"], help="completions per forward")
+    parser.add_argument("--completion-length", type=int, default=PLAIN["completion_length"], help="new tokens")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
-    parser.add_argument("--image-splitting", action="store_true", help="SmolVLM: tiles plus a global view")
+    parser.add_argument(
+        "--image-splitting",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="SmolVLM: tiles plus a global view",
+    )
     parser.add_argument(
         "--max-pixels", type=int, default=None, help=f"Qwen2-VL image pixel bound (default {DEFAULT_MAX_PIXELS})"
     )
+    parser.add_argument("--min-pixels", type=int, default=None, help="Qwen2-VL lower pixel bound")
     parser.add_argument("--image-size", type=_size, default=(512, 512), help="picture WIDTHxHEIGHT (default 512x512)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
@@ -377,6 +454,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="build model, trainer and sharing decision; no steps")
     parser.add_argument("--side", choices=["stock", "shared"], help=argparse.SUPPRESS)  # one side, in a subprocess
     options = parser.parse_args(argv)
+    options.recipe_settings = {}
+    if options.recipe:  # the recipe's values become the defaults; flags given as well still win
+        from benchmarks.recipe_settings import recipe_settings
+
+        try:
+            settings = recipe_settings(options.recipe)
+        except ValueError as err:
+            parser.error(str(err))
+        parser.set_defaults(**settings)
+        options = parser.parse_args(argv)
+        options.recipe_settings = settings
     if options.steps < 1:
         parser.error("--steps must be at least 1 (use --dry-run to build without training)")
     return options

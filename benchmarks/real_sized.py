@@ -180,12 +180,14 @@ def unused_vocab(name: str, processor: Any) -> range:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_processor(name: str, *, image_splitting: bool = False, max_pixels: int | None = None) -> Any:
+def build_processor(
+    name: str, *, image_splitting: bool = False, max_pixels: int | None = None, min_pixels: int | None = None
+) -> Any:
     """The family's processor with the published image settings and the project's offline tokenizer."""
     if family(name) == "idefics3":
         processor = _idefics3_processor(CONFIGS[name], image_splitting)
     else:
-        processor = _qwen2vl_processor(max_pixels or DEFAULT_MAX_PIXELS)
+        processor = _qwen2vl_processor(max_pixels or DEFAULT_MAX_PIXELS, min_pixels or QWEN2VL_MIN_PIXELS)
     # the published context, not the tiny tokenizer's: split SmolVLM prompts exceed 1,024 tokens
     processor.tokenizer.model_max_length = CONFIGS[name]["text"]["max_position_embeddings"]
     return processor
@@ -217,7 +219,7 @@ def tile_tokens(dims: dict) -> int:
     return side * side // dims["scale_factor"] ** 2
 
 
-def _qwen2vl_processor(max_pixels: int) -> Any:
+def _qwen2vl_processor(max_pixels: int, min_pixels: int = QWEN2VL_MIN_PIXELS) -> Any:
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     from vizer.qwen2vl_processor import Qwen2VLImageOnlyProcessor
@@ -225,7 +227,7 @@ def _qwen2vl_processor(max_pixels: int) -> Any:
 
     # the tiny Qwen2-VL folder carries the offline tokenizer with Qwen2-VL's special tokens (built once, cached)
     tokenizer = AutoTokenizer.from_pretrained(build_tiny("qwen2_vl"))
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN2VL_MIN_PIXELS, max_pixels=max_pixels)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     return Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
 
 
@@ -314,6 +316,7 @@ def build(
     *,
     image_splitting: bool = False,
     max_pixels: int | None = None,
+    min_pixels: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
 ) -> tuple[Any, Any]:
@@ -322,7 +325,7 @@ def build(
     `image_splitting` applies to SmolVLM (tiles plus a global view instead of one resized tile); `max_pixels`
     to Qwen2-VL (default 256*28*28, about 256 image tokens).
     """
-    processor = build_processor(name, image_splitting=image_splitting, max_pixels=max_pixels)
+    processor = build_processor(name, image_splitting=image_splitting, max_pixels=max_pixels, min_pixels=min_pixels)
     processor.tokenizer.padding_side = "left"  # generation pads on the left
     model = build_model(name, build_config(name, processor), dtype=dtype, device=device)
     return model, processor

@@ -4,8 +4,10 @@ The models are built on the meta device (shapes only, nothing allocated), so a w
 benchmarks/real_sized.py (say 12 decoder layers instead of 30) shows up as a wrong parameter count.
 """
 
-import argparse
 import csv
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,11 +106,40 @@ def test_side_command_passes_the_settings_on():
 
 
 def test_a_fallback_side_is_reported_as_stock(tmp_path):
-    options = argparse.Namespace(
-        model="qwen2vl2b", quant="4bit", device="cuda", dry_run=False, image_splitting=False, max_pixels=None
-    )
-    options.image_size, options.gradient_checkpointing = (512, 512), True
+    options = grpo_step.parse(["--model", "qwen2vl2b", "--quant", "4bit", "--device", "cuda"])
     result = {"path": "stock", "fallback": "no tower", "image_tokens": 256, **dict.fromkeys(grpo_step.PARTS, 1.0)}
     grpo_step.append_csv(tmp_path / "steps.csv", options, "shared", result)
     (row,) = csv.DictReader((tmp_path / "steps.csv").open())
     assert (row["model"], row["shared"], row["note"]) == ("qwen2vl2b", "fallback", "no tower")
+
+
+def test_recipe_settings_reach_the_step():
+    options = grpo_step.parse(["--recipe", "smolvlm-openimages"])
+    assert (options.model, options.quant, options.generations, options.images_per_step) == ("smolvlm2b", "4bit", 8, 4)
+    assert (options.per_device, options.completion_length, options.image_splitting) == (8, 64, False)
+    qwen = grpo_step.parse(["--recipe", "qwen2vl-openimages", "--images-per-step", "1"])
+    assert (qwen.min_pixels, qwen.max_pixels) == (64 * 28 * 28, 256 * 28 * 28)
+    assert grpo_step.label(qwen) == "qwen2vl_openimages_ips1", "a flag over the recipe's value is in the name"
+    command = grpo_step.side_command(qwen, "stock")
+    assert command[command.index("--images-per-step") + 1] == "1"
+    assert grpo_step.parse(command[3:]).max_pixels == 256 * 28 * 28, "the side process gets the same settings"
+
+
+def test_gpu_script_runs_each_recipe_row(tmp_path):
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "DEVICE": "cpu"}
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_step.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path / "x.csv")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split()[2:] for line in calls.read_text().splitlines()]  # after "-m benchmarks.grpo_step"
+    labels = [grpo_step.label(grpo_step.parse(args)) for args in rows]
+    assert labels == [
+        "smolvlm256_openimages",
+        "qwen2vl_openimages",
+        "smolvlm_openimages",
+        "smolvlm256_openimages_split",
+        "smolvlm_openimages_split",
+    ]
