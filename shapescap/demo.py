@@ -1,10 +1,11 @@
 """`make demo`: ShapesCap end to end, offline on CPU.
 
 Builds (or reuses) the pretrained parts — the shapes CLIP reward, an independent CLIP judge and
-the weak SFT captioner — trains zero-label GRPO (recipes/shapes-grpo.yaml) for several seeds,
-evaluates base vs tuned on held-out scenes greedy and sampled, and prints the before/after table.
-`--methods` compares training methods side by side (GRPO, ViZer-G, ViZer-GT, GRPO + latent reward), with the
-ranking accuracy of each scorer (shapes CLIP, the ViZer mappers) per kind of caption error.
+the weak SFT captioner — trains zero-label GRPO with phrase-level rewards (recipes/shapes-phrases.yaml) for
+several seeds, evaluates base vs tuned on held-out scenes greedy and sampled, and prints the before/after table.
+`--methods` compares training methods side by side (GRPO with whole-caption rewards, each phrase-level
+reward alone, decoupled normalisation, ViZer-G, ViZer-GT, GRPO + latent reward), with the ranking accuracy of
+each scorer (shapes CLIP, the phrase-level rewards, the ViZer mappers) per kind of caption error.
 
     python -m shapescap.demo [--seeds 0 1 2] [--out outputs/demo] [--ablation] [--methods ...] [key.sub=value ...]
 """
@@ -22,20 +23,21 @@ from pathlib import Path
 import shapescap  # noqa: F401  (registers the shapes source and models)
 from shapescap.captions import RANKING_KINDS
 from shapescap.clip import evaluate as clip_ranking
-from shapescap.ranking import mapper_ranking
+from shapescap.ranking import mapper_ranking, reward_ranking
 from vizer.config import RecipeError, load_recipe, needs_mapper
 from vizer.evaluate import evaluate
 from vizer.mapper import train_recipe_mapper
 from vizer.model_ids import resolve_model_id
 from vizer.train import train
 
-RECIPE = "shapes-grpo"
+RECIPE = "shapes-phrases"
 JUDGE = "tiny:shapes-judge"
 # (metric, decoding, direction, target): relative change the issue asks for; None = report only.
 TARGETS = [
     ("shapes/object_recall", "greedy", "up", 0.30),
     ("shapes/hallucination", "sampled", "down", 0.30),
     ("shapes/hallucination", "greedy", "down", 0.0),
+    ("shapes/object_hallucination", "greedy", "down", 0.0),
     ("shapes/duplicate_object", "greedy", "down", 0.0),
     ("shapes/empty", "greedy", "down", 0.0),
 ]
@@ -44,6 +46,7 @@ REPORTED = [
     "shapes/hallucination",
     "shapes/colour_hallucination",
     "shapes/shape_hallucination",
+    "shapes/object_hallucination",
     "shapes/exact_match",
     "shapes/duplicate_object",
     "shapes/empty",
@@ -52,8 +55,41 @@ REPORTED = [
     "clip_s_judge",
 ]
 # name -> (recipe, label, overrides); every recipe reads the same base captioner, data and eval set.
+WHOLE_CAPTION = (  # the rewards of shapes-grpo after grounding and consistency
+    "{name: length, weight: 0.2, min_words: 3, max_words: 24}, {name: repetition, weight: 1.0}, "
+    "{name: degenerate, weight: 1.0}"
+)
 METHODS = {
+    "phrases": (RECIPE, "GRPO + phrase rewards", []),
     "grpo": ("shapes-grpo", "GRPO", []),
+    # hypothesis 1 alone: consistency made phrase-level, as a pure penalty (tau 0.5)
+    "phrase-agreement": (
+        "shapes-grpo",
+        "GRPO, phrase agreement",
+        ["rewards.1={name: phrase_agreement, weight: 1.0, tau: 0.5}"],
+    ),
+    # hypothesis 2 alone: the whole-caption rewards plus the leave-one-out phrase penalty
+    "phrase-grounding": (
+        "shapes-grpo",
+        "GRPO + phrase grounding",
+        [
+            "rewards=[{name: grounding, weight: 1.0, model: 'tiny:shapes-clip'}, {name: consistency, weight: 0.5}, "
+            f"{WHOLE_CAPTION}, {{name: phrase_grounding, weight: 0.3, model: 'tiny:shapes-clip'}}]"
+        ],
+    ),
+    # not zero-label: the winning rewards with phrase_grounding replaced by a penalty that reads the scene truth,
+    # i.e. a perfect precision signal; the ceiling of what any precision reward can give this captioner
+    "oracle": (
+        RECIPE,
+        "phrase rewards, truth penalty (diagnostic)",
+        ["rewards.5={name: 'shapescap.oracle:truth_penalty', weight: 1.0}"],
+    ),
+    # hypothesis 3: decoupled (per-reward) normalisation of the winning rewards
+    "normalize": (
+        RECIPE,
+        "phrase rewards, normalize_then_sum",
+        ["grpo.multi_objective_aggregation=normalize_then_sum"],
+    ),
     "vizer-g": ("shapes-vizer-g", "ViZer-G", []),
     "vizer-gt": ("shapes-vizer-gt", "ViZer-GT", []),
     "grpo-latent": ("shapes-grpo-latent", "GRPO + latent", []),
@@ -199,6 +235,12 @@ def method_table(results: dict[str, list[dict]], labels: dict[str, str]) -> str:
 def ranking_table(mappers: dict[str, Path], n: int = 200) -> str:
     """How often each scorer prefers the true caption of a held-out scene over a wrong one, per error kind."""
     rows = {"shapes CLIP (grounding reward)": clip_ranking(resolve_model_id("tiny:shapes-clip"), n)}
+    # the image-based rewards of the winning recipe, alone and as it weighs them (ties count half)
+    image_rewards = [e for e in load_recipe(RECIPE)["rewards"] if e["name"] in ("grounding", "phrase_grounding")]
+    rows["phrase_grounding (leave-one-out penalty)"] = reward_ranking(
+        [{**e, "weight": 1.0} for e in image_rewards if e["name"] == "phrase_grounding"], n
+    )
+    rows["grounding + phrase_grounding, as weighed"] = reward_ranking(image_rewards, n)
     for label, folder in mappers.items():
         rows[f"mapper {label} (latent reward)"] = mapper_ranking(folder, n)
     lines = ["| scorer | " + " | ".join(RANKING_KINDS) + " |", "|---|" + "---:|" * len(RANKING_KINDS)]
@@ -260,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[grpo] seed {seed}", flush=True)
             per_seed.append(train_and_eval(args.out / f"seed{seed}", [*args.overrides, f"grpo.seed={seed}"]))
         report = [
-            f"# ShapesCap: zero-label GRPO, base vs tuned ({len(args.seeds)} seeds: {args.seeds})",
+            f"# ShapesCap: zero-label GRPO ({RECIPE}), base vs tuned ({len(args.seeds)} seeds: {args.seeds})",
             "",
             summary_table(per_seed),
         ]
@@ -268,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             results, mappers = {}, {}
             for method in args.methods:
                 recipe, _, extra = METHODS[method]
-                if method == "grpo":
+                if recipe == RECIPE and not extra:  # the runs plain `make demo` just made
                     results[method] = per_seed
                     continue
                 mapper = shared_mapper(recipe, args.out, args.overrides)

@@ -40,3 +40,23 @@ def test_targets_are_met_or_missed_by_the_relative_change():
     recall = row(table, "shapes/object_recall", "greedy")
     assert "0.650 ± 0.071" in recall and "+30%" in recall
     assert "MISSED" in row(table, "shapes/duplicate_object", "greedy")
+
+
+def test_all_six_targets_are_judged_in_the_plain_table():
+    base = {
+        "shapes/object_recall": 0.5,
+        "shapes/hallucination": 0.2,
+        "shapes/object_hallucination": 0.04,
+        "shapes/duplicate_object": 0.04,
+        "shapes/empty": 0.0,
+    }
+    wrongly_bound = {
+        **base,
+        "shapes/object_recall": 0.7,
+        "shapes/hallucination": 0.1,
+        "shapes/object_hallucination": 0.1,
+    }
+    table = summary_table([seed_result(base, wrongly_bound)])
+    assert "MISSED" in row(table, "shapes/object_hallucination", "greedy")
+    judged = [line for line in table.splitlines() if line.endswith(("met |", "MISSED |"))]
+    assert len(judged) == 6, table
