@@ -2,7 +2,8 @@
 - the data order made a function of (seed, epoch), so that a resumed run sees the same images at the same steps
   as one that never stopped;
 - each logging step's time split into `timing/*` phases (`vizer.step_timing`), logged with TRL's own metrics;
-- optionally each distinct picture of a step preprocessed once (`preprocess_once`, `vizer.preprocess_once`).
+- optionally each distinct picture of a step preprocessed once (`preprocess_once`, `vizer.preprocess_once`);
+- the sampled captions' health (`vizer.health`) logged as `health/*` at each logging step.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler
 
+from rewards.common import completion_text
+from vizer.health import caption_health
 from vizer.preprocess_once import PreprocessOnce
 from vizer.step_timing import PhaseClock
 
@@ -59,6 +63,31 @@ class _StartClock(TrainerCallback):
         self.clock.restart()
 
 
+class HealthBuffer:
+    """The captions sampled since the last logging step, with their group, truncation and rewards."""
+
+    def __init__(self) -> None:
+        self.batches = 0  # generation batches seen: an image drawn again in a later batch is another group
+        self.texts: list[str | None] = []
+        self.groups: list[Any] = []
+        self.truncated: list[bool] = []
+        self.rewards: list[list[float]] = []
+
+    def add(self, texts: list, groups: list, truncated: list[bool], rewards: list[list[float]]) -> None:
+        self.batches += 1
+        self.texts += texts
+        self.groups += groups
+        self.truncated += truncated
+        self.rewards += rewards
+
+    def take(self, names: list[str], weights: dict[str, float]) -> dict[str, float]:
+        """The `health/*` metrics of the captions kept so far; the buffer starts afresh."""
+        rewards = {name: [row[k] for row in self.rewards] for k, name in enumerate(names)}
+        out = caption_health(self.texts, self.groups, self.truncated, rewards, weights)
+        self.texts, self.groups, self.truncated, self.rewards = [], [], [], []
+        return out
+
+
 class CaptionGRPOTrainer(GRPOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,6 +95,7 @@ class CaptionGRPOTrainer(GRPOTrainer):
         self.clock = PhaseClock(sync=torch.cuda.synchronize if on_gpu else lambda: None)
         self.add_callback(_StartClock(self.clock))
         self.preprocess_once: PreprocessOnce | None = None  # set by the runner where it applies
+        self._health = HealthBuffer()
 
     # -- timing seams: each wraps one upstream method in its phase (see vizer.step_timing) --------------------
 
@@ -107,9 +137,28 @@ class CaptionGRPOTrainer(GRPOTrainer):
         with self.clock.phase("generation"):
             return super()._generate_single_turn(*args, **kwargs)
 
-    def _calculate_rewards(self, *args: Any, **kwargs: Any):
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         with self.clock.phase("reward"):
-            return super()._calculate_rewards(*args, **kwargs)
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.model.training:  # the one place a step's captions and their rewards are both at hand
+            self._keep_for_health(inputs, completions, completion_ids_list, rewards_per_func)
+        return rewards_per_func
+
+    def _keep_for_health(self, inputs, completions, completion_ids_list, rewards_per_func: torch.Tensor) -> None:
+        stop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        # the rewards come gathered over processes; the captions are gathered here in the same (process) order
+        texts = gather_object([completion_text(c) for c in completions])
+        batch = self._health.batches
+        groups = gather_object(
+            [
+                (batch, x["image_id"])
+                if "image_id" in x
+                else (batch, self.accelerator.process_index, i // self.num_generations)
+                for i, x in enumerate(inputs)
+            ]
+        )
+        truncated = gather_object([bool(ids) and ids[-1] not in stop for ids in completion_ids_list])
+        self._health.add(texts, groups, truncated, rewards_per_func.cpu().tolist())
 
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
         with self.clock.phase("forward_backward"):  # old/reference log-probs and the loss forward
@@ -118,6 +167,8 @@ class CaptionGRPOTrainer(GRPOTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training logging step (not eval, not the end-of-training summary)
             logs.update(self.clock.take())
+            weights = dict(zip(self.reward_func_names, self.reward_weights.tolist()))
+            logs.update(self._health.take(self.reward_func_names, weights))
         super().log(logs, start_time)
 
     def _get_train_sampler(self, dataset=None) -> Sampler:
