@@ -102,6 +102,13 @@ GRPO_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "images_per_step": ((int,), None),  # images per optimizer step over all processes, G captions each
     "vllm_force": ((bool,), False),  # run use_vllm where it is known to be wrong (vizer/scale.py says why)
 }
+# Caption health warnings (vizer/monitor.py): thresholds relative to the run's first logged steps.
+MONITOR_SCHEMA: dict[str, tuple[tuple, Any]] = {
+    "baseline_steps": ((int,), 5),  # logged steps averaged into the baseline, and into each later comparison
+    "length_ratio": (_NUM, 2.0),  # warn when mean words reach this multiple of the baseline
+    "repeated_margin": (_NUM, 0.2),  # warn when the repeated-phrase rate rises this much above the baseline
+    "stop_on": ((list,), []),  # signals that save a checkpoint and end the run: length, repetition
+}
 TOP_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "plugins": ((list,), []),  # modules imported first; they register data sources and local models
     "objective": ((str,), "grpo"),  # grpo | vizer
@@ -115,6 +122,7 @@ TOP_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "rewards": ((list,), []),  # required for objective grpo
     "grpo": ((dict,), {}),
     "eval": ((dict,), {}),
+    "monitor": ((dict,), {}),
     "description": ((str,), None),
     "name": ((str,), None),
 }
@@ -146,6 +154,8 @@ BOUNDS: dict[str, tuple[float, bool]] = {
         _POSITIVE,
     ),
     "mapper.heldout_fraction": _NON_NEGATIVE,
+    **dict.fromkeys(("monitor.baseline_steps", "monitor.repeated_margin"), _POSITIVE),
+    "monitor.length_ratio": (1, False),
     **dict.fromkeys(("vizer.kl_beta",), _NON_NEGATIVE),
     **dict.fromkeys(("grpo.images_per_step", "vizer.images_per_step"), _POSITIVE),
     **dict.fromkeys(("vizer.temperature", "vizer.max_new_tokens"), _POSITIVE),
@@ -413,6 +423,7 @@ def validate(raw: dict) -> dict:
     recipe["grpo"] = _check_fields(recipe["grpo"], GRPOConfig, "grpo", own=GRPO_SCHEMA)
     recipe["vizer"] = _check_fields(recipe["vizer"], TrainingArguments, "vizer", own=VIZER_SCHEMA)
     recipe["eval"] = _check_section(recipe["eval"], EVAL_SCHEMA, "eval.")
+    recipe["monitor"] = check_monitor(recipe["monitor"])
     steps = recipe["vizer"] if recipe["objective"] == "vizer" else recipe["grpo"]
     if recipe["data"]["streaming"] and "max_steps" not in steps:
         section = "vizer" if recipe["objective"] == "vizer" else "grpo"
@@ -432,6 +443,20 @@ def validate(raw: dict) -> dict:
         if recipe["eval"][key]:
             check_model_id(recipe["eval"][key], f"eval.{key}")
     return recipe
+
+
+def check_monitor(section: dict) -> dict:
+    """The monitor section with its defaults; every `stop_on` entry a known signal."""
+    from vizer.monitor import SIGNALS
+
+    monitor = _check_section(section, MONITOR_SCHEMA, "monitor.")
+    for i, signal in enumerate(monitor["stop_on"]):
+        if signal not in SIGNALS:
+            raise RecipeError(
+                f"'monitor.stop_on[{i}]' must be one of {', '.join(SIGNALS)}, got {short(signal)}"
+                f"{closest(str(signal), SIGNALS)}"
+            )
+    return monitor
 
 
 def _check_images_per_step(recipe: dict) -> None:

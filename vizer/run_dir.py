@@ -31,6 +31,7 @@ RESUMABLE = (
     "description",
     "eval",
     "eval_data",
+    "monitor",  # watches the run, does not shape it: a run stopped by monitor.stop_on resumes without it
     "grpo.max_steps",
     "grpo.num_train_epochs",
     "grpo.logging_steps",

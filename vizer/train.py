@@ -34,9 +34,11 @@ from vizer.grpo import CaptionGRPOTrainer
 from vizer.mapper import check_mapper, ensure_mapper, mapper_dir
 from vizer.model_ids import resolve_model_id
 from vizer.models import load_model, lora_config
+from vizer.monitor import Monitor
 from vizer.objective import ViZerTrainer
 from vizer.preprocess_once import PreprocessOnce
 from vizer.recipe_rewards import build_rewards, print_rewards
+from vizer.records import read_records
 from vizer.run_dir import (
     check_rerun,
     checkpoint_step,
@@ -292,7 +294,10 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
         f", objective {recipe['objective']})"
     )
     stop = GracefulStop()
-    callbacks = [MetricsJsonl(out_dir / "metrics.jsonl"), stop]
+    # a resumed run's monitor starts from the health its metrics.jsonl (trimmed to the checkpoint) recorded
+    history = [r for _, r in read_records(out_dir / "metrics.jsonl")[0]] if resume else []
+    monitor = Monitor(recipe["monitor"], history, say=state.print)
+    callbacks = [MetricsJsonl(out_dir / "metrics.jsonl"), stop, monitor]
     if recipe["objective"] == "vizer":
         vizer = recipe["vizer"]
         set_seed(args.seed)  # the LoRA init draws from the global RNG: the same seed, the same adapter

@@ -1,0 +1,103 @@
+"""Warnings when caption health drifts from where the run started, and `monitor.stop_on`.
+
+The baseline is the mean of the first `baseline_steps` logged steps; each later logging step compares the mean
+of the last `baseline_steps` logged steps with it (one step's few captions are noisy: a single repeated caption
+moves the rate by 1/8 at G=8). Each signal warns once, with one line naming it, the step and the numbers; a
+signal listed in `stop_on` also saves a checkpoint at that step and ends training as a normal end would.
+
+Signals (recipe keys in `monitor:`):
+- `length`: mean words per caption reach `length_ratio` times the baseline.
+- `repetition`: the repeated-phrase rate rises `repeated_margin` above the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from transformers import TrainerCallback
+
+SIGNALS = ("length", "repetition")
+WATCHED = {"length": "health/mean_words", "repetition": "health/repeated"}
+
+
+@dataclass
+class Alert:
+    signal: str
+    step: int
+    message: str
+
+
+class HealthWatch:
+    """Feeds on logged rows (step + `health/*`), says which signals fired for the first time."""
+
+    def __init__(self, baseline_steps: int = 5, length_ratio: float = 2.0, repeated_margin: float = 0.2) -> None:
+        self.window, self.length_ratio, self.repeated_margin = baseline_steps, length_ratio, repeated_margin
+        self.rows: list[dict[str, float]] = []
+        self.fired: set[str] = set()
+
+    def observe(self, step: int, logs: dict) -> list[Alert]:
+        if WATCHED["length"] not in logs:  # not a training logging step of a GRPO run
+            return []
+        self.rows.append({k: float(logs[k]) for k in WATCHED.values() if logs.get(k) is not None})
+        if len(self.rows) <= self.window:  # the baseline is still being measured
+            return []
+        base, now = self._mean(self.rows[: self.window]), self._mean(self.rows[-self.window :])
+        alerts = []
+        if "length" not in self.fired and base["length"] > 0 and now["length"] >= self.length_ratio * base["length"]:
+            alerts.append(
+                Alert(
+                    "length",
+                    step,
+                    f"mean words {now['length']:.1f} over the last {self.window} logged steps, "
+                    f"{now['length'] / base['length']:.2f}x the first {self.window} ({base['length']:.1f}; "
+                    f"warns at {self.length_ratio:g}x)",
+                )
+            )
+        if "repetition" not in self.fired and now["repetition"] >= base["repetition"] + self.repeated_margin:
+            alerts.append(
+                Alert(
+                    "repetition",
+                    step,
+                    f"repeated-phrase rate {now['repetition']:.2f} over the last {self.window} logged steps, "
+                    f"up from {base['repetition']:.2f} in the first {self.window} (warns at +{self.repeated_margin:g})",
+                )
+            )
+        self.fired.update(a.signal for a in alerts)
+        return alerts
+
+    def _mean(self, rows: list[dict[str, float]]) -> dict[str, float]:
+        out = {}
+        for signal, key in WATCHED.items():
+            values = [r[key] for r in rows if key in r]
+            out[signal] = sum(values) / len(values) if values else 0.0
+        return out
+
+
+class Monitor(TrainerCallback):
+    """Runs a HealthWatch on every logging step; on a `stop_on` signal, saves a checkpoint and stops. Every
+    process decides alike (the logged health is computed from captions gathered over all of them)."""
+
+    def __init__(
+        self,
+        settings: dict,
+        history: Iterable[dict] = (),
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.watch = HealthWatch(settings["baseline_steps"], settings["length_ratio"], settings["repeated_margin"])
+        self.stop_on, self.say = set(settings["stop_on"]), say
+        self.stopped: Alert | None = None
+        for row in history:  # a resumed run keeps the baseline (and the warnings) of its first steps
+            self.watch.observe(int(row.get("step", 0)), row)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for alert in self.watch.observe(state.global_step, logs or {}):
+            stop = alert.signal in self.stop_on and self.stopped is None
+            if state.is_world_process_zero:
+                self.say(
+                    f"monitor: {alert.signal} at step {alert.step}: {alert.message}"
+                    + ("; stopping (monitor.stop_on) after a checkpoint at this step" if stop else "")
+                )
+            if stop:
+                self.stopped = alert
+                control.should_save, control.should_training_stop = True, True
