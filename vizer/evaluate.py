@@ -29,6 +29,7 @@ from rewards.grounding import grounding
 from vizer.caption import Decoding, generate_captions, report_skipped
 from vizer.config import DATA_SCHEMA, RecipeError, load_recipe
 from vizer.gallery import GalleryItem, thumbnail_data_uri, write_gallery
+from vizer.health import caption_health
 from vizer.metrics import clip_scores, reference_scores, text_stats
 from vizer.model_ids import resolve_model_id
 from vizer.models import check_adapter, load_with_adapter
@@ -211,8 +212,10 @@ def score_model(
     rewards: dict,
     scorers: dict,
     source: Source | None = None,
+    weights: dict[str, float] | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Corpus metrics and per-image scores (of each image's first caption) for one model's captions."""
+    """Corpus metrics and per-image scores (of each image's first caption) for one model's captions; `weights`
+    (by reward metric name) weigh the rewards' shares in the `health/*` metrics, as in training."""
     flat = [(i, c) for i, texts in enumerate(captions) for c in texts]
     texts = [c for _, c in flat]
     corpus: dict = {}
@@ -238,6 +241,10 @@ def score_model(
     for name, values in rewards.items():
         add(name, values)
     corpus.update(text_stats(texts))
+    # the health training logs, on these captions (agreement only where an image has several)
+    shares = {name.removeprefix("reward/"): [math.nan if v is None else v for v in vs] for name, vs in rewards.items()}
+    weights = {name.removeprefix("reward/"): w for name, w in (weights or {}).items()}
+    corpus.update(caption_health(texts, [i for i, _ in flat], rewards=shares, weights=weights))
     for row, text in zip(per_flat, texts):
         row["length_words"] = float(len(text.split()))
 
@@ -402,10 +409,11 @@ def evaluate(
     )
     rewards, scorers = build_scorers(recipe, "cuda" if torch.cuda.is_available() else "cpu", run)
     source = get_source(data_cfg["source"])
+    weights = {f"reward/{reward_name(e)}": float(e.get("weight", 1.0)) for e in recipe["rewards"]}
     metrics, per_image = {}, {}
     for tag in MODELS:
         values = reward_scores(rewards, recipe["prompt"], items, captions[tag], tokenizer)
-        metrics[tag], per_image[tag] = score_model(items, captions[tag], values, scorers, source)
+        metrics[tag], per_image[tag] = score_model(items, captions[tag], values, scorers, source, weights)
 
     shown, gallery_note = gallery_items(items, per_image)
     results = {

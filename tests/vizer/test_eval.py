@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from rewards.phrases import words as phrase_words
 from shapescap.scenes import describe, render, shapes_scenes
 from vizer.caption import Decoding
 from vizer.cli import main
@@ -33,7 +34,17 @@ SHAPES = (
 )
 TEXT = ("length_words", "distinct_1", "distinct_2", "vocab_size")
 REFERENCE = ("cider_d", "bleu_4", "rouge_l", "refclip_s")
-EVERY_METRIC = {"clip_s", *TEXT, *REFERENCE, *(f"reward/{r}" for r in REWARDS), *(f"shapes/{s}" for s in SHAPES)}
+# the caption health training logs; agreement needs several captions per image (greedy gives one)
+HEALTH = ("health/mean_words", "health/distinct_1", "health/distinct_2", "health/repeated")
+EVERY_METRIC = {
+    "clip_s",
+    *TEXT,
+    *REFERENCE,
+    *HEALTH,
+    *(f"reward/{r}" for r in REWARDS),
+    *(f"health/reward_share/{r}" for r in REWARDS),
+    *(f"shapes/{s}" for s in SHAPES),
+}
 MAY_BE_UNDEFINED = {"shapes/colour_precision", "shapes/shape_precision"}  # None when nothing is named
 
 
@@ -110,6 +121,9 @@ def test_eval_writes_all_three_files_with_both_models_and_every_metric(evaluated
         words = [len(tokenize(c)) for c in captions]
         assert results["models"][model]["length_words"] == pytest.approx(sum(words) / 6)
         assert results["models"][model]["shapes/empty"] == pytest.approx(sum(not c.strip() for c in captions) / 6)
+        health = results["models"][model]
+        assert health["health/mean_words"] == pytest.approx(sum(len(phrase_words(c)) for c in captions) / 6)
+        assert sum(v for k, v in health.items() if k.startswith("health/reward_share/")) == pytest.approx(1.0)
 
     page = (evaluated / "gallery.html").read_text()
     assert page.count("<tr data-scores=") == 6 and page.count("data:image/png;base64,") == 6
@@ -188,6 +202,7 @@ def test_hub_dataset_with_sampling_and_a_second_judge(tiny_run, tmp_path):
     assert results["settings"]["num_samples"] == 2 and results["settings"]["judge"] == "tiny:siglip"
     for metrics in results["models"].values():
         assert {"clip_s", "clip_s_judge", "refclip_s", "refclip_s_judge", "cider_d"} <= set(metrics)
+        assert 0 <= metrics["health/agreement"] <= 1, "two samples per image: their agreement is measured"
     sampled = [p for p in (run / "eval" / "cache").glob("*.jsonl") if "k0@" in p.read_text()]
     assert len(sampled) == 2
     for path in sampled:
