@@ -16,6 +16,18 @@ import torch
 from .common import Reward, group_ids, torch_device
 
 
+@torch.inference_mode()
+def encode_sentences(encoder: Any, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Unit embeddings of `texts` (one row each, in order) by a sentence-transformers encoder; each distinct text
+    is encoded once (a collapsing policy repeats captions)."""
+    unique = list(dict.fromkeys(texts))
+    emb = encoder.encode(
+        unique, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+    ).float()
+    row = {t: i for i, t in enumerate(unique)}
+    return emb[[row[t] for t in texts]]
+
+
 class ConsistencyReward(Reward):
     __name__ = "consistency"
     floor = -1.0
@@ -33,18 +45,8 @@ class ConsistencyReward(Reward):
         self.encoder = encoder.eval()
         self.mode, self.group_column, self.batch_size = mode, group_column, int(batch_size)
 
-    @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
-        unique = list(dict.fromkeys(texts))  # a collapsing policy repeats captions: encode each once
-        emb = self.encoder.encode(
-            unique,
-            batch_size=self.batch_size,
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        ).float()
-        row = {t: i for i, t in enumerate(unique)}
-        return emb[[row[t] for t in texts]]
+        return encode_sentences(self.encoder, texts, self.batch_size)
 
     def score(self, texts: list[str | None], **kwargs: Any) -> list[float]:
         groups = group_ids(len(texts), kwargs, self.group_column)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from .common import Reward, call_images, group_ids, torch_device
+from .consistency import encode_sentences
 from .grounding import GroundingReward, load_scorer
 from .phrases import object_phrases
 
@@ -146,25 +147,15 @@ class PhraseAgreementReward(Reward):
         group_column: str = "image_id",
         batch_size: int = 64,
     ) -> None:
-        if mode not in ("penalty", "sum"):
-            raise ValueError(f"phrase_agreement: unknown mode {mode!r}; expected penalty or sum")
+        if mode not in ("penalty", "sum", "f1"):
+            raise ValueError(f"phrase_agreement: unknown mode {mode!r}; expected penalty, sum or f1")
         self.encoder = encoder.eval() if hasattr(encoder, "eval") else encoder
         self.threshold, self.tau, self.mode = float(threshold), float(tau), mode
         self.repeat_penalty, self.group_column, self.batch_size = float(repeat_penalty), group_column, int(batch_size)
 
-    @torch.inference_mode()
     def embed(self, phrases: list[str]) -> dict[str, torch.Tensor]:
         unique = list(dict.fromkeys(phrases))
-        if not unique:
-            return {}
-        emb = self.encoder.encode(
-            unique,
-            batch_size=self.batch_size,
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        ).float()
-        return dict(zip(unique, emb))
+        return dict(zip(unique, encode_sentences(self.encoder, unique, self.batch_size))) if unique else {}
 
     def distinct(self, found: list[str], emb: dict[str, torch.Tensor]) -> tuple[list[str], int]:
         """The caption's phrases with near-duplicates merged (first mention kept), and how many were merged."""
@@ -173,6 +164,26 @@ class PhraseAgreementReward(Reward):
             if not any(float(emb[p] @ emb[q]) >= self.threshold for q in kept):
                 kept.append(p)
         return kept, len(found) - len(kept)
+
+    def same(self, p: str, q: str, emb: dict[str, torch.Tensor]) -> bool:
+        return float(emb[p] @ emb[q]) >= self.threshold
+
+    def consensus_f1(self, mine: list[str], others: list[list[str]], emb: dict[str, torch.Tensor]) -> float:
+        """F1 of a caption's phrases against the consensus of the other captions: the phrases that at least
+        `tau` of them name (near-duplicates merged). Naming a consensus object earns, missing one or naming
+        another costs."""
+        if not others:
+            return 0.0
+        consensus: list[str] = []
+        for candidate in dict.fromkeys(p for o in others for p in o):
+            support = sum(any(self.same(candidate, q, emb) for q in o) for o in others) / len(others)
+            if support >= self.tau and not any(self.same(candidate, c, emb) for c in consensus):
+                consensus.append(candidate)
+        if not mine or not consensus:
+            return 0.0
+        precision = sum(any(self.same(p, c, emb) for c in consensus) for p in mine) / len(mine)
+        recall = sum(any(self.same(c, p, emb) for p in mine) for c in consensus) / len(consensus)
+        return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
     def score(self, texts: list[str | None], **kwargs: Any) -> list[float]:
         groups = group_ids(len(texts), kwargs, self.group_column)
@@ -187,6 +198,9 @@ class PhraseAgreementReward(Reward):
         for rows in members.values():
             for i in rows:
                 others = [merged[j][0] for j in rows if j != i and texts[j] is not None]
+                if self.mode == "f1":
+                    scores[i] = self.consensus_f1(merged[i][0], others, emb) - self.repeat_penalty * merged[i][1]
+                    continue
                 total = 0.0
                 for p in merged[i][0]:
                     if others:
@@ -207,7 +221,7 @@ def phrase_agreement(
     model: str = "sentence-transformers/all-MiniLM-L6-v2",
     threshold: float = 0.8,
     tau: float = 0.5,
-    mode: Literal["penalty", "sum"] = "penalty",
+    mode: Literal["penalty", "sum", "f1"] = "penalty",
     repeat_penalty: float = 1.0,
     group_column: str = "image_id",
     batch_size: int = 64,
@@ -220,8 +234,9 @@ def phrase_agreement(
         threshold: cosine from which two phrases name the same thing ("small red circle" ~ "large red circle"
             0.89; "red circle" ~ "orange circle" 0.72 with all-MiniLM-L6-v2).
         tau: the share of the other captions a phrase needs to be trusted.
-        mode: `penalty` (only phrases below tau cost: support - tau) or `sum` (every phrase adds support - tau,
-            so agreed extra objects earn).
+        mode: `penalty` (only phrases below tau cost: support - tau), `sum` (every phrase adds support - tau,
+            so agreed extra objects earn) or `f1` (F1 of the caption's phrases against the consensus of the
+            others, the phrases at least tau of them name: missing a consensus object costs too).
         repeat_penalty: cost of each near-duplicate phrase inside one caption.
         group_column: the dataset column that says which completions belong together.
         batch_size: encoder batch size.

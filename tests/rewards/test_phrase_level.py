@@ -140,3 +140,19 @@ def test_phrase_grounding_on_shapescap(shapes_phrase_grounding, kind):
     w = call(shapes_phrase_grounding, wrong, image=images, image_id=ids)
     wins = sum(a > b for a, b in zip(t, w)) / len(t)
     assert wins >= 0.6, wins
+
+
+def test_phrase_agreement_f1_mode_pays_for_the_consensus_and_nothing_else():
+    reward = build_reward(resolve_reward_entry({"name": "phrase_agreement", "mode": "f1", "tau": 0.5}))
+    group = [
+        "A dog and a ball.",
+        "A dog with a ball.",
+        "A dog.",  # misses the ball most samples see
+        "A dog, a ball and a cat.",  # names a cat nobody else sees
+        "A dog and a ball on the grass.",
+        "A dog and a dog and a ball.",  # repeats the dog
+    ]
+    scores = call(reward, group, image_id=["d"] * len(group))
+    assert scores[0] == scores[1] == pytest.approx(1.0)
+    assert scores[2] < scores[0] and scores[3] < scores[0]
+    assert scores[5] < scores[0]
