@@ -271,9 +271,13 @@ def score_model(
 
 
 def training_scorers(recipe: dict) -> set[str]:
-    """The resolved models the grounding rewards trained against."""
+    """The resolved models the image-scoring rewards (grounding, phrase_grounding) trained against."""
     default = inspect.signature(grounding).parameters["model"].default
-    return {resolve_model_id(e.get("model", default)) for e in recipe["rewards"] if e["name"] == "grounding"}
+    return {
+        resolve_model_id(e.get("model", default))
+        for e in recipe["rewards"]
+        if e["name"] in ("grounding", "phrase_grounding")
+    }
 
 
 def report_notes(recipe: dict, items: Sequence[EvalImage], skipped: int, gallery_note: str | None) -> list[str]:

@@ -244,3 +244,11 @@ def test_user_errors_exit_with_code_2(tiny_run, tmp_path, capsys):
     assert main(["caption", "--adapter", str(tmp_path / "none"), "--images", str(empty)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 6 and all("\n" not in e for e in errors)
+
+
+def test_a_phrase_grounding_scorer_is_not_an_independent_judge_either():
+    from vizer.evaluate import training_scorers
+    from vizer.model_ids import resolve_model_id
+
+    recipe = {"rewards": [{"name": "phrase_grounding", "model": "tiny:clip"}, {"name": "length"}]}
+    assert training_scorers(recipe) == {resolve_model_id("tiny:clip")}

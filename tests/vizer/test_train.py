@@ -35,7 +35,7 @@ def tiny_overrides(recipe_name: str) -> list[str]:
         "grpo.learning_rate=1.0e-3",
     ]
     for i, entry in enumerate(recipe["rewards"]):
-        if entry["name"] == "grounding":
+        if entry["name"] in ("grounding", "phrase_grounding"):  # the rewards that take an image scorer
             overrides.append(f"rewards.{i}.model=tiny:clip")
     if recipe["model"]["dtype"] == "auto":
         overrides.append("model.dtype=float32")
