@@ -21,3 +21,11 @@ def test_truth_penalty_counts_wrong_bindings_and_repeats():
         truth=[SCENE.to_json()] * len(captions),
     )
     assert out == [0.0, 0.0, -1.0, -1.0, 0.0]
+
+
+def test_monitor_check_counts_duplicates_as_the_metrics_do():
+    from shapescap.monitor_check import duplicate_rate, moving_mean
+
+    captions = ["a red square and a red square", "a large red circle and a small red circle", "a red square", ""]
+    assert duplicate_rate(captions) == 0.5
+    assert moving_mean([0.0, 1.0, 2.0, 3.0], 2) == [0.5, 1.5, 2.5]
