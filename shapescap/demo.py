@@ -104,6 +104,8 @@ METHOD_TARGETS = [
     ("shapes/duplicate_object", "greedy", "down", 0.0),
     ("shapes/empty", "greedy", "down", 0.0),
 ]
+# The rewards of whole-caption GRPO (shapes-grpo) one at a time, and together.
+ABLATION_RECIPE = "shapes-grpo"
 ABLATIONS = {
     "grounding only": ["rewards=[{name: grounding, weight: 1.0, model: 'tiny:shapes-clip'}]"],
     "consistency only": ["rewards=[{name: consistency, weight: 1.0}]"],
@@ -335,10 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.ablation:
             rows = {}
             for name, extra in ABLATIONS.items():
-                run = args.out / ("seed0" if not extra else "ablation-" + name.split()[0])
+                run = args.out / ("ablation-" + name.split()[0])
                 print(f"[ablation] {name}", flush=True)
-                rows[name] = train_and_eval(run, [*args.overrides, "grpo.seed=0", *extra])
-            report += ["", "## Ablation (seed 0)", "", ablation_table(rows)]
+                rows[name] = train_and_eval(run, [*args.overrides, "grpo.seed=0", *extra], ABLATION_RECIPE)
+            report += ["", f"## Ablation ({ABLATION_RECIPE}, seed 0)", "", ablation_table(rows)]
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
