@@ -28,6 +28,7 @@ from vizer.config import RecipeError, load_recipe, needs_mapper
 from vizer.evaluate import evaluate
 from vizer.mapper import train_recipe_mapper
 from vizer.model_ids import resolve_model_id
+from vizer.run_dir import check_rerun
 from vizer.train import train
 
 RECIPE = "shapes-phrases"
@@ -138,8 +139,11 @@ def build_parts() -> None:
 
 def train_and_eval(run: Path, overrides: list[str], recipe: str = RECIPE) -> dict[str, dict]:
     """Train one seed (resumes if already there) and evaluate greedy and sampled; returns both results."""
-    if not (run / "adapter").is_dir():
-        train(load_recipe(recipe, overrides), run)
+    loaded = load_recipe(recipe, overrides)
+    if (run / "adapter").is_dir():
+        check_rerun(loaded, run)  # a folder an older demo trained with another recipe is refused, not reused
+    else:
+        train(loaded, run)
     results = {}
     for decoding, extra in (("greedy", []), ("sampled", ["eval.do_sample=true", "eval.temperature=1.0"])):
         out = evaluate(run, [*overrides, f"eval.judge={JUDGE}", *extra], out_dir=run / f"eval-{decoding}")

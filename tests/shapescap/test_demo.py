@@ -60,3 +60,17 @@ def test_all_six_targets_are_judged_in_the_plain_table():
     assert "MISSED" in row(table, "shapes/object_hallucination", "greedy")
     judged = [line for line in table.splitlines() if line.endswith(("met |", "MISSED |"))]
     assert len(judged) == 6, table
+
+
+def test_a_run_folder_of_another_recipe_is_refused_not_reused(tmp_path):
+    import pytest
+    import yaml
+
+    from shapescap.demo import train_and_eval
+    from vizer.config import RecipeError, load_recipe
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "checkpoint-120").mkdir()
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(load_recipe("shapes-grpo")))
+    with pytest.raises(RecipeError, match="another recipe"):
+        train_and_eval(tmp_path, [], recipe="shapes-phrases")
