@@ -107,7 +107,10 @@ MONITOR_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "baseline_steps": ((int,), 5),  # logged steps averaged into the baseline, and into each later comparison
     "length_ratio": (_NUM, 2.0),  # warn when mean words reach this multiple of the baseline
     "repeated_margin": (_NUM, 0.2),  # warn when the repeated-phrase rate rises this much above the baseline
-    "stop_on": ((list,), []),  # signals that save a checkpoint and end the run: length, repetition
+    "canary": ((int,), 16),  # the first N eval_data images captioned greedily during training (0: none)
+    "every": ((int,), 50),  # canary steps: step 0 and every N optimizer steps
+    "canary_drop": (_NUM, 0.02),  # warn when the reward rises while the canary CLIP-S falls this much
+    "stop_on": ((list,), []),  # signals that save a checkpoint and end the run: length, repetition, canary
 }
 TOP_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "plugins": ((list,), []),  # modules imported first; they register data sources and local models
@@ -154,7 +157,8 @@ BOUNDS: dict[str, tuple[float, bool]] = {
         _POSITIVE,
     ),
     "mapper.heldout_fraction": _NON_NEGATIVE,
-    **dict.fromkeys(("monitor.baseline_steps", "monitor.repeated_margin"), _POSITIVE),
+    **dict.fromkeys(("monitor.baseline_steps", "monitor.repeated_margin", "monitor.every"), _POSITIVE),
+    **dict.fromkeys(("monitor.canary", "monitor.canary_drop"), _NON_NEGATIVE),
     "monitor.length_ratio": (1, False),
     **dict.fromkeys(("vizer.kl_beta",), _NON_NEGATIVE),
     **dict.fromkeys(("grpo.images_per_step", "vizer.images_per_step"), _POSITIVE),
@@ -424,6 +428,10 @@ def validate(raw: dict) -> dict:
     recipe["vizer"] = _check_fields(recipe["vizer"], TrainingArguments, "vizer", own=VIZER_SCHEMA)
     recipe["eval"] = _check_section(recipe["eval"], EVAL_SCHEMA, "eval.")
     recipe["monitor"] = check_monitor(recipe["monitor"])
+    if "canary" in recipe["monitor"]["stop_on"] and not (recipe["eval_data"] and recipe["monitor"]["canary"]):
+        raise RecipeError(
+            "'monitor.stop_on' names canary, but there is no canary set (no eval_data, or monitor.canary 0)"
+        )
     steps = recipe["vizer"] if recipe["objective"] == "vizer" else recipe["grpo"]
     if recipe["data"]["streaming"] and "max_steps" not in steps:
         section = "vizer" if recipe["objective"] == "vizer" else "grpo"

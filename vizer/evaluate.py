@@ -166,13 +166,17 @@ def build_scorers(recipe: dict, device: str, run: Path) -> tuple[dict, dict]:
     """The training reward plugins by metric name, and CLIP-S scorers by metric suffix ("" and "_judge")."""
     funcs = build_rewards(recipe, device, run)
     rewards = {f"reward/{reward_name(e)}": f for e, f in zip(recipe["rewards"], funcs, strict=True)}
-    judges = {"": recipe["eval"]["scorer"], "_judge": recipe["eval"]["judge"]}
-    scorers = {
+    return rewards, clip_scorers(recipe["eval"], device)
+
+
+def clip_scorers(eval_cfg: dict, device: str) -> dict:
+    """The eval's CLIP-S scorers by metric suffix: "" (eval.scorer) and "_judge" (eval.judge, when set)."""
+    judges = {"": eval_cfg["scorer"], "_judge": eval_cfg["judge"]}
+    return {
         suffix: build_reward({"name": "grounding", "model": resolve_model_id(model_id)}, device=device)
         for suffix, model_id in judges.items()
         if model_id
     }
-    return rewards, scorers
 
 
 def reward_scores(

@@ -8,6 +8,10 @@ signal listed in `stop_on` also saves a checkpoint at that step and ends trainin
 Signals (recipe keys in `monitor:`):
 - `length`: mean words per caption reach `length_ratio` times the baseline.
 - `repetition`: the repeated-phrase rate rises `repeated_margin` above the baseline.
+- `canary`: the reward (the mean of the last `baseline_steps` logged steps) is above its baseline while the
+  canary set's CLIP-S (`vizer.canary`; the judge's when there is one) fell `canary_drop` below its first
+  measurement. The canary is greedy on fixed pictures, so one measurement is not noisy the way a step's
+  sampled captions are: it is compared as it is.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
-SIGNALS = ("length", "repetition")
+SIGNALS = ("length", "repetition", "canary")
 WATCHED = {"length": "health/mean_words", "repetition": "health/repeated"}
+REWARD = "reward"  # TRL's logged mean weighted reward
+CANARY_KEYS = ("canary/clip_s", "canary/clip_s_judge")
 
 
 @dataclass
@@ -31,15 +37,29 @@ class Alert:
 class HealthWatch:
     """Feeds on logged rows (step + `health/*`), says which signals fired for the first time."""
 
-    def __init__(self, baseline_steps: int = 5, length_ratio: float = 2.0, repeated_margin: float = 0.2) -> None:
+    def __init__(
+        self,
+        baseline_steps: int = 5,
+        length_ratio: float = 2.0,
+        repeated_margin: float = 0.2,
+        canary_drop: float = 0.02,
+    ) -> None:
         self.window, self.length_ratio, self.repeated_margin = baseline_steps, length_ratio, repeated_margin
+        self.canary_drop = canary_drop
         self.rows: list[dict[str, float]] = []
+        self.canary: list[tuple[int, float]] = []  # (step, canary CLIP-S) per measurement
+        self.canary_key: str | None = None  # the judge's score when the first measurement has one
         self.fired: set[str] = set()
 
     def observe(self, step: int, logs: dict) -> list[Alert]:
+        if CANARY_KEYS[0] in logs:
+            self.canary_key = self.canary_key or next(k for k in reversed(CANARY_KEYS) if k in logs)
+            if logs.get(self.canary_key) is not None:
+                self.canary.append((step, float(logs[self.canary_key])))
+            return self._canary(step)
         if WATCHED["length"] not in logs:  # not a training logging step of a GRPO run
             return []
-        self.rows.append({k: float(logs[k]) for k in WATCHED.values() if logs.get(k) is not None})
+        self.rows.append({k: float(logs[k]) for k in (*WATCHED.values(), REWARD) if logs.get(k) is not None})
         if len(self.rows) <= self.window:  # the baseline is still being measured
             return []
         base, now = self._mean(self.rows[: self.window]), self._mean(self.rows[-self.window :])
@@ -64,7 +84,32 @@ class HealthWatch:
                 )
             )
         self.fired.update(a.signal for a in alerts)
-        return alerts
+        return alerts + self._canary(step)
+
+    def _canary(self, step: int) -> list[Alert]:
+        """The canary signal, checked when either series moves (a canary step logs before its training row)."""
+        if "canary" in self.fired or len(self.canary) < 2 or len(self.rows) <= self.window:
+            return []
+        rewards = [
+            [r[REWARD] for r in rows if REWARD in r] for rows in (self.rows[: self.window], self.rows[-self.window :])
+        ]
+        if not all(rewards):
+            return []
+        base, now = (sum(v) / len(v) for v in rewards)
+        (first_step, first), (_, last) = self.canary[0], self.canary[-1]
+        if not (now > base and last <= first - self.canary_drop):
+            return []
+        self.fired.add("canary")
+        who = "judge" if self.canary_key == CANARY_KEYS[1] else "scorer"
+        return [
+            Alert(
+                "canary",
+                step,
+                f"reward {now:.3f} over the last {self.window} logged steps, up from {base:.3f} in the first "
+                f"{self.window}, while the canary {who} CLIP-S fell to {last:.3f} from {first:.3f} at step "
+                f"{first_step} (warns at -{self.canary_drop:g})",
+            )
+        ]
 
     def _mean(self, rows: list[dict[str, float]]) -> dict[str, float]:
         out = {}
@@ -84,7 +129,9 @@ class Monitor(TrainerCallback):
         history: Iterable[dict] = (),
         say: Callable[[str], None] = print,
     ) -> None:
-        self.watch = HealthWatch(settings["baseline_steps"], settings["length_ratio"], settings["repeated_margin"])
+        self.watch = HealthWatch(
+            settings["baseline_steps"], settings["length_ratio"], settings["repeated_margin"], settings["canary_drop"]
+        )
         self.stop_on, self.say = set(settings["stop_on"]), say
         self.stopped: Alert | None = None
         for row in history:  # a resumed run keeps the baseline (and the warnings) of its first steps

@@ -2,7 +2,8 @@
 
 OUT/ holds adapter/ (PEFT adapter), recipe.yaml (resolved recipe), metrics.jsonl (one JSON
 object per logging step), completions/ (GRPO: TRL's sampled captions with their rewards, parquet),
-mapper/ (when the recipe uses ViZer's mapper), tensorboard/ and checkpoint-N/ folders.
+mapper/ (when the recipe uses ViZer's mapper), canary.jsonl (the canary set's captions, `vizer.canary`),
+tensorboard/ and checkpoint-N/ folders.
 Re-running into the same OUT resumes.
 """
 
@@ -27,6 +28,7 @@ from trl import GRPOConfig
 
 from data import build_dataset
 from rewards.latent import Mapper
+from vizer.canary import Canary, canary_images
 from vizer.caption import report_skipped
 from vizer.config import GRPO_SCHEMA, VIZER_SCHEMA, RecipeError, dump_recipe, needs_mapper
 from vizer.families import detect_family
@@ -146,7 +148,9 @@ def prepare_resume(out_dir: Path, is_main: bool = True) -> str | None:
     """The newest complete checkpoint in OUT, with metrics.jsonl trimmed (by the main process) to its steps."""
     checkpoint = last_complete_checkpoint(out_dir, set_aside=is_main) if out_dir.is_dir() else None
     if is_main:
-        trim_metrics(out_dir / "metrics.jsonl", checkpoint_step(checkpoint) if checkpoint else 0)
+        # without a checkpoint the run starts over, including the canary's step 0
+        for name in ("metrics.jsonl", "canary.jsonl"):
+            trim_metrics(out_dir / name, checkpoint_step(checkpoint) if checkpoint else -1)
         if checkpoint is not None:
             print(f"resuming from {checkpoint} (step {checkpoint_step(checkpoint)})")
     return str(checkpoint) if checkpoint is not None else None
@@ -298,6 +302,11 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     history = [r for _, r in read_records(out_dir / "metrics.jsonl")[0]] if resume else []
     monitor = Monitor(recipe["monitor"], history, say=state.print)
     callbacks = [MetricsJsonl(out_dir / "metrics.jsonl"), stop, monitor]
+    canary_items = canary_images(recipe)
+    canary = None
+    if canary_items:
+        canary = Canary(canary_items, recipe, loaded.family, out_dir / "canary.jsonl", str(state.device))
+        callbacks.append(canary)
     if recipe["objective"] == "vizer":
         vizer = recipe["vizer"]
         set_seed(args.seed)  # the LoRA init draws from the global RNG: the same seed, the same adapter
@@ -325,6 +334,8 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
             peft_config=peft_config,
             callbacks=callbacks,
         )
+    if canary is not None:
+        canary.bind(trainer)
     vision_path(recipe["model"]["share_vision"], trainer.model, loaded.family.name, state)
     if isinstance(trainer, CaptionGRPOTrainer):
         preprocess_path(recipe["model"]["share_vision"], trainer, loaded.family.name, state)

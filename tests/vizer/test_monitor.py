@@ -47,7 +47,13 @@ def test_rows_without_health_are_not_counted():
 
 def test_a_resumed_run_keeps_its_baseline_and_does_not_warn_twice():
     said = []
-    settings = {"baseline_steps": 2, "length_ratio": 2.0, "repeated_margin": 0.2, "stop_on": ["length"]}
+    settings = {
+        "baseline_steps": 2,
+        "length_ratio": 2.0,
+        "repeated_margin": 0.2,
+        "canary_drop": 0.02,
+        "stop_on": ["length"],
+    }
     history = [{"step": s, **r} for s, r in enumerate(rows([4, 4, 10]), 1)]
     monitor = Monitor(settings, history, say=said.append)
 
@@ -75,9 +81,14 @@ def test_a_run_stopped_by_the_monitor_may_resume_with_other_monitor_settings():
     "override, named",
     [
         ("monitor.basline_steps=3", "unknown key 'monitor.basline_steps' (did you mean 'baseline_steps'?)"),
-        ("monitor.stop_on=[lenght]", "'monitor.stop_on[0]' must be one of length, repetition, got 'lenght'"),
+        ("monitor.stop_on=[lenght]", "'monitor.stop_on[0]' must be one of length, repetition, canary, got 'lenght'"),
         ("monitor.length_ratio=1", "'monitor.length_ratio' must be > 1"),
         ("monitor.stop_on=length", "'monitor.stop_on' expects a list"),
+        ("monitor.stop_on=[canray]", "'monitor.stop_on[0]' must be one of length, repetition, canary, got 'canray'"),
+        ("monitor.canary=-1", "'monitor.canary' must be >= 0"),
+        ("monitor.every=0", "'monitor.every' must be > 0"),
+        ("monitor.canary=many", "'monitor.canary' expects"),
+        ("monitor.canary_drop=-0.1", "'monitor.canary_drop' must be >= 0"),
     ],
 )
 def test_a_bad_monitor_key_is_one_line_naming_it_with_exit_code_2(override, named, capsys):
@@ -136,3 +147,80 @@ def test_the_well_behaved_tiny_recipe_logs_health_every_step_and_warns_of_nothin
         assert 0 <= row["health/repeated"] <= 1 and row["health/truncated"] > 0  # 12 tokens of a random model
         shares = [v for k, v in row.items() if k.startswith("health/reward_share/")]
         assert len(shares) == 5 and sum(shares) == pytest.approx(1.0)
+
+
+def canary_rows(rewards, canary, judge=None):
+    """A logging step's reward (with health) and, where given, a canary measurement logged before it."""
+    out = []
+    for i, reward in enumerate(rewards):
+        if canary[i] is not None:
+            out.append({"canary/clip_s": canary[i], **({"canary/clip_s_judge": judge[i]} if judge else {})})
+        out.append({"health/mean_words": 4.0, "health/repeated": 0.0, "reward": reward})
+    return out
+
+
+def test_canary_warns_when_the_reward_rises_while_the_canary_score_falls():
+    watch = HealthWatch(baseline_steps=2, canary_drop=0.05)
+    # rows: canary 0.70, rewards 0.1 0.1 0.3, canary 0.60, reward 0.5. At the second canary row the reward's
+    # last two steps, (0.1 + 0.3) / 2, are above the first two (0.1) and the canary is 0.10 down
+    logs = canary_rows([0.1, 0.1, 0.3, 0.5], [0.70, None, None, 0.60])
+    assert alerts(watch, logs) == [("canary", 5)]
+
+
+def test_canary_follows_the_judge_when_there_is_one():
+    # the scorer (trained against) keeps rising; the independent judge falls
+    logs = canary_rows([0.1, 0.1, 0.3, 0.5], [0.70, None, None, 0.80], judge=[0.50, None, None, 0.40])
+    assert alerts(HealthWatch(baseline_steps=2, canary_drop=0.05), logs) == [("canary", 5)]
+    logs = canary_rows([0.1, 0.1, 0.3, 0.5], [0.70, None, None, 0.60], judge=[0.50, None, None, 0.55])
+    assert alerts(HealthWatch(baseline_steps=2, canary_drop=0.05), logs) == []
+
+
+@pytest.mark.parametrize(
+    "rewards, canary",
+    [
+        ([0.1, 0.1, 0.3, 0.5], [0.70, None, None, 0.80]),  # both rise: learning, not hacking
+        ([0.5, 0.5, 0.3, 0.1], [0.70, None, None, 0.60]),  # the reward falls too: not the hacking pattern
+        ([0.1, 0.1, 0.3, 0.5], [0.70, None, None, 0.66]),  # a fall within the margin
+    ],
+)
+def test_canary_does_not_warn_without_reward_up_and_canary_down_past_the_margin(rewards, canary):
+    assert alerts(HealthWatch(baseline_steps=2, canary_drop=0.05), canary_rows(rewards, canary)) == []
+
+
+def canary_run(tmp_path, monkeypatch, *overrides):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    base = [*tiny_overrides("tiny-shapes"), "grpo.max_steps=3", "grpo.log_completions=false"]
+    train(load_recipe("tiny-shapes", [*base, *overrides]), tmp_path)
+    return read_metrics(tmp_path)
+
+
+def test_the_canary_captions_the_same_eval_images_at_step_0_and_every_n_steps(tmp_path, monkeypatch):
+    metrics = canary_run(tmp_path, monkeypatch, "monitor.canary=2", "monitor.every=2", "eval.judge=tiny:siglip")
+    lines = [json.loads(line) for line in (tmp_path / "canary.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 2]
+    assert [[im["image_id"] for im in line["images"]] for line in lines] == [
+        ["shapes/validation/0", "shapes/validation/1"]
+    ] * 2
+    for image in (im for line in lines for im in line["images"]):
+        assert isinstance(image["caption"], str) and image["clip_s"] >= 0 and image["clip_s_judge"] >= 0
+    logged = [m for m in metrics if "canary/clip_s" in m]
+    assert [m["step"] for m in logged] == [0, 2]
+    for line, row in zip(lines, logged):  # the logged means are those of the recorded captions
+        assert row["canary/clip_s"] == pytest.approx(sum(im["clip_s"] for im in line["images"]) / 2)
+        assert row["canary/clip_s_judge"] == pytest.approx(sum(im["clip_s_judge"] for im in line["images"]) / 2)
+    # a canary step keeps its own training log (logging the canary must not swallow it)
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+
+
+def test_canary_0_captions_nothing(tmp_path, monkeypatch):
+    metrics = canary_run(tmp_path, monkeypatch, "monitor.canary=0", "monitor.every=1")
+    assert not (tmp_path / "canary.jsonl").exists()
+    assert not [k for m in metrics for k in m if k.startswith("canary/")]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+
+
+def test_stop_on_canary_needs_a_canary_set(capsys):
+    assert main(["check", "tiny-shapes", "monitor.stop_on=[canary]", "monitor.canary=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'monitor.stop_on' names canary, but there is no canary set" in err and "\n" not in err, err
+    assert main(["check", "tiny-shapes", "monitor.stop_on=[canary]"]) == 0

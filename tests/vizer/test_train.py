@@ -37,6 +37,10 @@ def tiny_overrides(recipe_name: str) -> list[str]:
     for i, entry in enumerate(recipe["rewards"]):
         if entry["name"] in ("grounding", "phrase_grounding"):  # the rewards that take an image scorer
             overrides.append(f"rewards.{i}.model=tiny:clip")
+    if recipe["eval_data"] is not None:  # the canary set: a couple of eval images, scored by a tiny CLIP
+        overrides += ["monitor.canary=2", "eval.scorer=tiny:clip", "eval.judge=null"]
+        if recipe["eval_data"]["source"] != "shapes":
+            overrides.append("eval_data={source: shapes, split: validation, limit: 2}")
     if recipe["model"]["dtype"] == "auto":
         overrides.append("model.dtype=float32")
     if recipe["mapper_data"] is not None:  # ViZer's stage A on a few shapes scenes

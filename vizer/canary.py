@@ -1,0 +1,126 @@
+"""The canary set: the same few held-out pictures captioned greedily by the model in training, every N steps.
+
+The first `monitor.canary` images of the recipe's `eval_data` are captioned as `make eval` captions them
+(greedy, `eval.max_new_tokens`) with the adapter being trained, at step 0 and every `monitor.every` steps, and
+scored with the eval's CLIP-S scorer and judge. The means go into the trainer's logs (`canary/clip_s`,
+`canary/clip_s_judge`: metrics.jsonl, TensorBoard); the captions, one line per measurement, into
+OUT/canary.jsonl: {"step": N, "images": [{"image_id", "caption", "clip_s", "clip_s_judge"}, ...]}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from transformers import Trainer, TrainerCallback
+
+from vizer.caption import Decoding, generate_captions
+from vizer.evaluate import EvalImage, clip_scorers, load_eval_set
+from vizer.families import Family
+from vizer.metrics import clip_scores
+from vizer.models import LoadedModel, keep_4bit_layout
+
+PREFIX = "canary/"
+
+
+def canary_images(recipe: dict) -> list[EvalImage]:
+    """The first `monitor.canary` readable images of eval_data (none without eval_data or with canary 0)."""
+    count, data = recipe["monitor"]["canary"], recipe["eval_data"]
+    if not count or data is None:
+        return []
+    limit = min(count, data["limit"]) if data["limit"] else count  # read no more of a large eval set than needed
+    return load_eval_set({**data, "limit": limit}, recipe["prompt"])[0][:count]
+
+
+class Canary(TrainerCallback):
+    """Captions and scores the canary images at the first step and every `every` steps after; give it the
+    trainer (`bind`) before training: its logs go through the trainer's own `log`."""
+
+    def __init__(
+        self,
+        items: list[EvalImage],
+        recipe: dict,
+        family: Family,
+        path: Path,
+        device: str,
+    ) -> None:
+        self.items, self.family, self.path = items, family, path
+        self.every, self.prompt = recipe["monitor"]["every"], recipe["prompt"]
+        # greedy, as `make eval` decodes by default: one caption per image, the same for the same weights
+        self.decoding = Decoding(
+            max_new_tokens=recipe["eval"]["max_new_tokens"], batch_size=recipe["eval"]["batch_size"]
+        )
+        self.scorers = clip_scorers(recipe["eval"], device)  # loaded once, for the whole run
+        self.trainer: Trainer | None = None
+        self.started = False
+
+    def bind(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The first step of this launch: step 0 of a new run. (A resumed run's state is loaded after
+        # on_train_begin, so the step is known only here; it measured its checkpoint's steps already.)
+        if not self.started:
+            self.started = True
+            if state.global_step == 0:
+                self.measure(state.global_step, kwargs["model"], kwargs["processing_class"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self.measure(state.global_step, kwargs["model"], kwargs["processing_class"])
+
+    def measure(self, step: int, model: torch.nn.Module, processor: Any) -> dict[str, float]:
+        """Caption, score, log and record the canary set at `step`; the logged means."""
+        rows = self.caption(model, processor)
+        logs = {}
+        for suffix in self.scorers:
+            values = [r[f"clip_s{suffix}"] for r in rows]
+            logs[f"{PREFIX}clip_s{suffix}"] = sum(values) / len(values)
+        state = PartialState()
+        if state.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, "images": rows}) + "\n")
+        if self.trainer is not None:
+            # The transformers Trainer's own log: TRL's would also take (and clear) the metrics its steps
+            # gathered since the last logging step. Logging clears `should_log`, which this step's own
+            # training log (due after on_step_end) still needs.
+            due = self.trainer.control.should_log
+            Trainer.log(self.trainer, dict(logs))
+            self.trainer.control.should_log = due
+        return logs
+
+    def caption(self, model: torch.nn.Module, processor: Any) -> list[dict]:
+        """Per canary image (all processes gathered, in order): its caption and scores. Each process captions
+        its share; all get the same rows, so the monitor decides alike everywhere."""
+        state = PartialState()
+        with state.split_between_processes(list(range(len(self.items)))) as mine:
+            share = [self.items[i] for i in mine]
+            captions = self._generate(model, processor, share) if share else []
+            rows = [{"image_id": it.image_id, "caption": c} for it, c in zip(share, captions)]
+            for suffix, scorer in self.scorers.items():
+                if not share:
+                    break
+                scores = clip_scores(scorer, [it.source for it in share], captions, [[]] * len(share))[0]
+                for row, score in zip(rows, scores):
+                    row[f"clip_s{suffix}"] = float(score)
+        return gather_object(rows) if state.num_processes > 1 else rows
+
+    def _generate(self, model: torch.nn.Module, processor: Any, items: list[EvalImage]) -> list[str]:
+        was_training = model.training
+        keep_4bit_layout(model)  # an eval-mode forward must not repack 4-bit weights that train on after
+        model.eval()
+        try:
+            # no_grad, not generate_captions' inference_mode: a tensor a module caches during this pass must
+            # stay usable by the training forwards after it
+            with torch.no_grad():
+                loaded = LoadedModel(model=model, processor=processor, family=self.family, path="")
+                captions = generate_captions.__wrapped__(
+                    loaded, [it.source for it in items], self.prompt, self.decoding, desc="canary"
+                )
+        finally:
+            model.train(was_training)
+        return [texts[0] for texts in captions]
