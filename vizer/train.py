@@ -263,8 +263,23 @@ def train(recipe: dict, out_dir: Path) -> Path:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RecipeError(f"OUT {out_dir}: cannot create it ({err.strerror})") from None
-    with locked(out_dir) if state.is_main_process else contextlib.nullcontext():
+    with locked(out_dir) if state.is_main_process else contextlib.nullcontext(), tensorboard_dir(out_dir):
         return _train(recipe, out_dir, args, state)
+
+
+@contextlib.contextmanager
+def tensorboard_dir(out_dir: Path):
+    """TensorBoard writes into OUT/tensorboard for this run only (TRL/transformers read the folder from the
+    environment), so a second run in the same process, e.g. the next seed of `make demo`, writes into its own
+    OUT; a folder the user set in TENSORBOARD_LOGGING_DIR is left as it is."""
+    if "TENSORBOARD_LOGGING_DIR" in os.environ:
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "tensorboard")
+    try:
+        yield
+    finally:
+        os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
 
 
 def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
@@ -281,7 +296,6 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
                 record_changes(out_dir, allowed, yaml.safe_load(saved.read_text()), recipe)
             dump_recipe(recipe, saved)
             (out_dir / "hardware.json").write_text(json.dumps(hardware(state.num_processes)) + "\n")
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
     if needs_mapper(recipe):
         ensure_mapper(recipe, out_dir)  # Stage A first; reused when OUT/mapper (or mapper.path) is there
         check_mapper(mapper_dir(recipe, out_dir), recipe)

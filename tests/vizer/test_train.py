@@ -1,6 +1,7 @@
 """GRPO training end to end on tiny models: every shipped recipe, resume, QLoRA."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,14 @@ def test_data_smaller_than_one_optimizer_step_is_one_line_not_an_untrained_adapt
         "per-device batch), or add images"
     )
     assert not (out / "adapter").exists()
+
+
+def test_two_runs_in_one_process_log_tensorboard_into_their_own_out(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    for name in ("first", "second"):  # as make demo trains its seeds one after another
+        train(load_recipe("tiny-shapes", [*tiny_overrides("tiny-shapes"), "grpo.max_steps=1"]), tmp_path / name)
+        assert list((tmp_path / name / "tensorboard").rglob("events.out.tfevents.*")), name
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "mine"))  # a folder the user chose is kept
+    train(load_recipe("tiny-shapes", [*tiny_overrides("tiny-shapes"), "grpo.max_steps=1"]), tmp_path / "third")
+    assert list((tmp_path / "mine").rglob("events.out.tfevents.*"))
