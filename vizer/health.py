@@ -21,6 +21,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 from rewards.guards import repeated_phrases
 from rewards.phrases import object_phrases, phrase_key, words
+from vizer.metrics import distinct_ngrams
 
 PREFIX = "health/"
 
@@ -31,12 +32,6 @@ def names_twice(text: str) -> bool:
         return True
     keys = Counter(phrase_key(p) for p in object_phrases(text))
     return any(n > 1 for n in keys.values())
-
-
-def distinct(tokens: Sequence[Sequence[str]], n: int) -> float:
-    """Unique word n-grams over all word n-grams of all captions (0 when there are none)."""
-    grams = [tuple(t[i : i + n]) for t in tokens for i in range(len(t) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def agreement(texts: Sequence[str], groups: Sequence[Hashable]) -> float | None:
@@ -81,8 +76,8 @@ def caption_health(
     tokens = [words(t) for t in texts]
     out = {
         "mean_words": sum(map(len, tokens)) / len(tokens),
-        "distinct_1": distinct(tokens, 1),
-        "distinct_2": distinct(tokens, 2),
+        "distinct_1": distinct_ngrams(tokens, 1),
+        "distinct_2": distinct_ngrams(tokens, 2),
         "repeated": sum(map(names_twice, texts)) / len(texts),
     }
     if groups is not None:

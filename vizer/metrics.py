@@ -38,13 +38,18 @@ def tokenized(text: str) -> str:
     return " ".join(tokenize(text))
 
 
+def distinct_ngrams(tokens: Sequence[Sequence[str]], n: int) -> float:
+    """Corpus distinct-n: unique word n-grams over all word n-grams of all captions (0 when there are none)."""
+    grams = [tuple(t[i : i + n]) for t in tokens for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
 def text_stats(captions: Sequence[str]) -> dict[str, float]:
     """Mean length in words, corpus distinct-1/2 (unique n-grams / all n-grams), vocabulary size."""
     tokens = [tokenize(c) for c in captions]
     stats = {"length_words": sum(map(len, tokens)) / max(len(tokens), 1)}
     for n in (1, 2):
-        grams = [tuple(t[i : i + n]) for t in tokens for i in range(len(t) - n + 1)]
-        stats[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+        stats[f"distinct_{n}"] = distinct_ngrams(tokens, n)
     stats["vocab_size"] = float(len({w for t in tokens for w in t}))
     return stats
 
