@@ -25,7 +25,7 @@ import torch
 
 from .common import Reward, call_images, group_ids, torch_device
 from .consistency import encode_sentences
-from .grounding import GroundingReward, load_scorer
+from .grounding import GroundingReward, grounding
 from .phrases import object_phrases
 
 
@@ -125,11 +125,10 @@ def phrase_grounding(
         dtype: scorer precision.
         device: where the scorer runs.
     """
-    scorer, tokenizer, processor = load_scorer(model, device, dtype)
-    grounding = GroundingReward(
-        scorer, tokenizer, processor, prefix=prefix, batch_size=batch_size, cache_size=cache_size, device=device
+    scorer = grounding(
+        model=model, prefix=prefix, batch_size=batch_size, cache_size=cache_size, dtype=dtype, device=device
     )
-    return PhraseGroundingReward(grounding, margin=margin, mode=mode, max_phrases=max_phrases)
+    return PhraseGroundingReward(scorer, margin=margin, mode=mode, max_phrases=max_phrases)
 
 
 class PhraseAgreementReward(Reward):
@@ -157,16 +156,17 @@ class PhraseAgreementReward(Reward):
         unique = list(dict.fromkeys(phrases))
         return dict(zip(unique, encode_sentences(self.encoder, unique, self.batch_size))) if unique else {}
 
+    def same(self, p: str, q: str, emb: dict[str, torch.Tensor]) -> bool:
+        """Whether two phrases name the same thing: embedding cosine at least `threshold`."""
+        return float(emb[p] @ emb[q]) >= self.threshold
+
     def distinct(self, found: list[str], emb: dict[str, torch.Tensor]) -> tuple[list[str], int]:
         """The caption's phrases with near-duplicates merged (first mention kept), and how many were merged."""
         kept: list[str] = []
         for p in found:
-            if not any(float(emb[p] @ emb[q]) >= self.threshold for q in kept):
+            if not any(self.same(p, q, emb) for q in kept):
                 kept.append(p)
         return kept, len(found) - len(kept)
-
-    def same(self, p: str, q: str, emb: dict[str, torch.Tensor]) -> bool:
-        return float(emb[p] @ emb[q]) >= self.threshold
 
     def consensus_f1(self, mine: list[str], others: list[list[str]], emb: dict[str, torch.Tensor]) -> float:
         """F1 of a caption's phrases against the consensus of the other captions: the phrases that at least
@@ -204,7 +204,7 @@ class PhraseAgreementReward(Reward):
                 total = 0.0
                 for p in merged[i][0]:
                     if others:
-                        support = sum(any(float(emb[p] @ emb[q]) >= self.threshold for q in o) for o in others)
+                        support = sum(any(self.same(p, q, emb) for q in o) for o in others)
                         support /= len(others)
                     else:  # no peer to agree with: no verdict
                         support = self.tau
