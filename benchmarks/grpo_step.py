@@ -217,6 +217,7 @@ def _run_side(shared: bool, options: argparse.Namespace) -> dict:
     trainer = _trainer(options, model, processor, rows, steps)
     handed = _count_preprocessed(processor.image_processor)  # from here on: what training hands the processor
     fallback, hook = _share(trainer, options.model, shared)
+    read = _count_lm_tokens(trainer)
     result = {"path": "stock" if hook is None else "shared", "fallback": fallback, "image_tokens": tokens}
     if options.dry_run:
         # no steps: the peak is that of building (weights, LoRA, trainer)
@@ -230,7 +231,40 @@ def _run_side(shared: bool, options: argparse.Namespace) -> dict:
         "images_per_s": _ratio(options.images_per_step, summary["step_s"]),
         "preprocess_calls_per_distinct_image": handed["images"] / pictures,
         "tiles_encoded": getattr(hook, "tiles_encoded", None),
+        # per step, over the log-prob and training forwards (the warm-up step's too: every step reads alike)
+        "lm_tokens_per_step": read["tokens"] / (options.steps + 1),
+        "lm_tokens_ideal_shared_per_step": read["ideal_shared"] / (options.steps + 1),
     }
+
+
+def _count_lm_tokens(trainer: Any) -> dict[str, int]:
+    """Counts the positions the language model computes in the log-prob and training forwards (rows x length of
+    each call, padding included), and what a perfect prefix share would read for the same batches: per group,
+    P + G*R in place of G*(P + R), P the prompt (image tokens included) and R the completion columns."""
+    counted = {"tokens": 0, "ideal_shared": 0}
+    language = next(m for name, m in trainer.model.named_modules() if name.endswith(("text_model", "language_model")))
+    active = {"on": False}
+
+    def read(module: Any, args: Any, kwargs: Any) -> None:
+        if active["on"]:
+            shape = (kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else args[0]).shape
+            counted["tokens"] += shape[0] * shape[1]
+
+    language.register_forward_pre_hook(read, with_kwargs=True)
+    logps = trainer._get_per_token_logps_and_entropies
+
+    def counting(model: Any, input_ids: Any, attention_mask: Any, logits_to_keep: int, *args: Any, **kwargs: Any):
+        rows, length = input_ids.shape
+        groups = -(-rows // trainer.num_generations)
+        counted["ideal_shared"] += groups * (length - logits_to_keep) + rows * logits_to_keep
+        active["on"] = True
+        try:
+            return logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        finally:
+            active["on"] = False
+
+    trainer._get_per_token_logps_and_entropies = counting
+    return counted
 
 
 def _count_preprocessed(image_processor: Any) -> dict[str, int]:
@@ -287,10 +321,15 @@ def _share(trainer: Any, name: str, shared: bool) -> tuple[str | None, Any]:
         return None, None
     from benchmarks import real_sized
     from vizer.preprocess_once import PreprocessOnce
+    from vizer.shared_prefix import why_not_shared_prefix
     from vizer.shared_vision import share_vision, why_not_shared
 
     family = real_sized.family(name)
     trainer.preprocess_once = PreprocessOnce()
+    prefix_reason = why_not_shared_prefix(trainer.model, family)
+    if prefix_reason:
+        print(f"grpo_step: {name}: the shared side reads every prefix: {prefix_reason}", file=sys.stderr, flush=True)
+    trainer.share_prefix = prefix_reason is None
     reason = why_not_shared(trainer.model, family)
     if reason:
         print(f"grpo_step: {name}: the shared side runs the stock path: {reason}", file=sys.stderr, flush=True)
@@ -404,6 +443,12 @@ def compare(options: argparse.Namespace) -> dict[str, float]:
         f"grpo_step_speedup_{name}": _ratio(med["stock"]["step_s"], med["shared"]["step_s"]),
         f"grpo_{memory}_{name}": _ratio(med["stock"]["peak_gb"], med["shared"]["peak_gb"]),
         f"grpo_preprocess_time_ratio_{name}": _ratio(med["stock"]["preprocess_s"], med["shared"]["preprocess_s"]),
+        # the language model's positions per step, stock vs shared, and shared against the ideal P + G*R per group
+        f"lm_tokens_per_step_stock_{name}": runs["stock"][0]["lm_tokens_per_step"],
+        f"lm_tokens_per_step_shared_{name}": runs["shared"][0]["lm_tokens_per_step"],
+        f"lm_tokens_shared_over_ideal_{name}": _ratio(
+            runs["shared"][0]["lm_tokens_per_step"], runs["shared"][0]["lm_tokens_ideal_shared_per_step"]
+        ),
     }
     for side, rs in runs.items():
         for part in PARTS:

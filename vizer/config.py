@@ -43,6 +43,9 @@ MODEL_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "revision": ((str,), None),
     # encode each image once per GRPO group and step (vizer/shared_vision.py): auto = where exact; true; false
     "share_vision": ((str, bool), "auto"),
+    # read each group's prompt and image once in the language model's log-prob and training forwards
+    # (vizer/shared_prefix.py): auto = where exact; true; false
+    "share_prefix": ((str, bool), "auto"),
 }
 LORA_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "r": ((int,), 16),
@@ -134,6 +137,7 @@ CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.family": ("auto", "idefics3", "qwen2_vl", "generic"),
     "model.share_vision": ("auto", True, False),
+    "model.share_prefix": ("auto", True, False),
     "objective": ("grpo", "vizer"),
     "mapper.variant": ("G", "GT"),
 }

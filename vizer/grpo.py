@@ -3,7 +3,9 @@
   as one that never stopped;
 - each logging step's time split into `timing/*` phases (`vizer.step_timing`), logged with TRL's own metrics;
 - optionally each distinct picture of a step preprocessed once (`preprocess_once`, `vizer.preprocess_once`);
-- the sampled captions' health (`vizer.health`) logged as `health/*` at each logging step.
+- the sampled captions' health (`vizer.health`) logged as `health/*` at each logging step;
+- optionally each group's prompt and image read once by the language model in the log-prob and training forwards
+  (`share_prefix`, `vizer.shared_prefix`), with the training micro-batches cut between whole groups.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import trl.trainer.grpo_trainer as trl_grpo
 from accelerate.utils import gather_object
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from trl import GRPOTrainer
-from trl.trainer.utils import RepeatSampler
+from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict
 
 from rewards.common import completion_text
 from vizer.health import caption_health
 from vizer.preprocess_once import PreprocessOnce
+from vizer.shared_prefix import grouped_per_token_logps
 from vizer.step_timing import PhaseClock
 
 
@@ -51,6 +55,31 @@ def instance_wrapped(obj: Any, name: str, wrap: Callable[[Callable], Callable]) 
             setattr(obj, name, before)
         else:
             delattr(obj, name)
+
+
+def shuffle_whole_groups(group_size: int) -> Callable[[dict], dict]:
+    """TRL's shuffle of a generation batch before it is cut into micro-batches, moving blocks of `group_size`
+    consecutive rows (one prompt's completions, as TRL orders them) instead of single rows, so that each
+    micro-batch holds whole groups for the shared prefix. The gradient of an optimizer step sums over all
+    micro-batches either way; only which rows share a forward changes. Row-wise when the batch does not split."""
+
+    def shuffle(seq_dict: dict) -> dict:
+        size = len(next(v for v in seq_dict.values() if v is not None))
+        if size % group_size:
+            return shuffle_sequence_dict(seq_dict)
+        # TRL's own draw (the same random numbers, so what is sampled afterwards is unchanged), groups in the
+        # order their first row comes in it
+        groups = list(dict.fromkeys((torch.randperm(size) // group_size).tolist()))
+        order = (torch.tensor(groups)[:, None] * group_size + torch.arange(group_size)).flatten()
+
+        def permute(v: Any) -> Any:
+            if v is None or (isinstance(v, torch.Tensor) and v.ndim == 0):
+                return v
+            return v[order] if isinstance(v, torch.Tensor) else [v[i] for i in order]
+
+        return {key: permute(value) for key, value in seq_dict.items()}
+
+    return shuffle
 
 
 class _StartClock(TrainerCallback):
@@ -95,6 +124,7 @@ class CaptionGRPOTrainer(GRPOTrainer):
         self.clock = PhaseClock(sync=torch.cuda.synchronize if on_gpu else lambda: None)
         self.add_callback(_StartClock(self.clock))
         self.preprocess_once: PreprocessOnce | None = None  # set by the runner where it applies
+        self.share_prefix = False  # set by the runner where it is exact
         self._health = HealthBuffer()
 
     # -- timing seams: each wraps one upstream method in its phase (see vizer.step_timing) --------------------
@@ -162,7 +192,33 @@ class CaptionGRPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
         with self.clock.phase("forward_backward"):  # old/reference log-probs and the loss forward
+            if self.share_prefix and not kwargs.get("compute_aux_loss"):
+                return self._grouped_logps(*args, **kwargs)
             return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+
+    def _grouped_logps(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
+    ):
+        """TRL's stock forward, chunk loop included, as one call that packs each group into one row."""
+        kwargs.pop("compute_aux_loss", None)
+        with self.accelerator.autocast():
+            logps, entropies = grouped_per_token_logps(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                compute_entropy=compute_entropy,
+                fused_lm_head=True,
+                batch_size=batch_size,
+                **kwargs,
+            )
+        return logps, entropies, None
+
+    def _prepare_inputs(self, *args: Any, **kwargs: Any):
+        if not self.share_prefix:
+            return super()._prepare_inputs(*args, **kwargs)
+        with instance_wrapped(trl_grpo, "shuffle_sequence_dict", lambda _: shuffle_whole_groups(self.num_generations)):
+            return super()._prepare_inputs(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training logging step (not eval, not the end-of-training summary)

@@ -58,6 +58,7 @@ from vizer.scale import (
     hardware,
     report_to,
 )
+from vizer.shared_prefix import why_not_shared_prefix
 from vizer.shared_vision import SUPPORTED_FAMILIES as SHARED_FAMILIES
 from vizer.shared_vision import share_vision, why_not_shared
 
@@ -227,6 +228,27 @@ def vision_path(setting: str | bool, model: torch.nn.Module, family: str, state:
         state.print(f"vision: stock path, every completion encodes its image ({reason})")
 
 
+def prefix_path(setting: str | bool, trainer: CaptionGRPOTrainer, family: str, state: PartialState) -> None:
+    """Read each group's prompt and image once in the language model's forwards when that is exact; say which
+    path runs."""
+    reason = "model.share_prefix is false"
+    if setting is not False:
+        was = trainer.model.training
+        trainer.model.train()  # judged as it will train: dropout is active only then
+        reason = why_not_shared_prefix(trainer.model, family)
+        trainer.model.train(was)
+    if reason is None:
+        trainer.share_prefix = True
+        state.print(
+            "language model: each group's prompt and image read once per forward, its completions attend to it "
+            "(model.share_prefix)"
+        )
+    elif setting is True:
+        raise RecipeError(f"'model.share_prefix' is true, but {reason}; set it to auto or false")
+    else:
+        state.print(f"language model: stock path, every completion re-reads its prompt and image ({reason})")
+
+
 def preprocess_path(setting: str | bool, trainer: CaptionGRPOTrainer, family: str, state: PartialState) -> None:
     """Preprocess each distinct picture of a step once (always exact: the processor's own values are reused),
     under the same switch as group-shared vision; say which path runs."""
@@ -353,6 +375,7 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     vision_path(recipe["model"]["share_vision"], trainer.model, loaded.family.name, state)
     if isinstance(trainer, CaptionGRPOTrainer):
         preprocess_path(recipe["model"]["share_vision"], trainer, loaded.family.name, state)
+        prefix_path(recipe["model"]["share_prefix"], trainer, loaded.family.name, state)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except OSError as err:
