@@ -1,11 +1,15 @@
-"""Does the run monitor see what the truth shows? On ShapesCap a duplicated object is known exactly.
+"""Does the run monitor see what the truth shows? On ShapesCap the truth of every caption is known.
 
 For each training run (logged at every step): the monitor's `health/repeated` from `metrics.jsonl`, and the
 symbolic duplicate-object rate (`shapescap.metrics`) of the same step's sampled captions, read back from TRL's
 completions log (`completions/completions_<step>.parquet`). Prints, per run, the Pearson correlation of the
 two over steps, raw and as moving means over `--window` steps, and their first and last windows.
 
-    python -m shapescap.monitor_check RUN [RUN ...] [--window 10]
+`--canary`: the canary set instead (`OUT/canary.jsonl`): per canary step, its CLIP-S (the judge's when recorded)
+against the object recall, object hallucination and duplicate rate of the same captions of the same pictures,
+each picture's truth rebuilt from its image id; correlations over the canary steps of each run.
+
+    python -m shapescap.monitor_check RUN [RUN ...] [--window 10] [--canary]
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import statistics
 from pathlib import Path
 
 from rewards.common import completion_text
-from shapescap.metrics import parse_caption
+from shapescap.metrics import parse_caption, shapes_metrics
+from shapescap.scenes import Scene, make_scene, scene_seed
 
 
 def duplicate_rate(captions: list[str]) -> float:
@@ -45,6 +50,58 @@ def run_series(run: Path) -> tuple[list[float], list[float]]:
     return repeated, duplicates
 
 
+def scene_of(image_id: str) -> Scene:
+    """The scene behind a shapes source image id, `shapes/<split>/<index>` (the source's default 3 objects)."""
+    _, split, index = image_id.split("/")
+    return make_scene(scene_seed(split, int(index)))
+
+
+CANARY_TRUTH = ("shapes/object_recall", "shapes/object_hallucination", "shapes/duplicate_object")
+
+
+def canary_series(run: Path) -> tuple[str, list[int], list[float], dict[str, list[float]]]:
+    """(score key, steps, canary CLIP-S, symbolic metric -> values) per canary measurement of a run."""
+    lines = [json.loads(line) for line in (run / "canary.jsonl").read_text().splitlines()]
+    key = "clip_s_judge" if lines and "clip_s_judge" in lines[0]["images"][0] else "clip_s"
+    steps, scores, truth = [], [], {m: [] for m in CANARY_TRUTH}
+    for line in lines:
+        images = line["images"]
+        corpus, _ = shapes_metrics([im["caption"] for im in images], [scene_of(im["image_id"]) for im in images])
+        steps.append(line["step"])
+        scores.append(statistics.fmean(im[key] for im in images))
+        for metric in CANARY_TRUTH:
+            truth[metric].append(corpus[metric])
+    return key, steps, scores, truth
+
+
+def canary_table(runs: list[Path]) -> list[str]:
+    out = [
+        "| run | canary score | images | steps | r with recall | r with object hallucination | r with duplicates "
+        "| score, first → last | recall, first → last |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for run in runs:
+        key, steps, scores, truth = canary_series(run)
+        if len(steps) < 3:
+            out.append(f"| {run} | {key} | | {len(steps)} | too few canary steps | | | | |")
+            continue
+        n = len(json.loads((run / "canary.jsonl").read_text().splitlines()[0])["images"])
+        r = [_correlation(scores, truth[m]) for m in CANARY_TRUTH]
+        recall = truth[CANARY_TRUTH[0]]
+        out.append(
+            f"| {run} | {key} | {n} | {len(steps)} | {r[0]} | {r[1]} | {r[2]} "
+            f"| {scores[0]:.3f} → {scores[-1]:.3f} | {recall[0]:.3f} → {recall[-1]:.3f} |"
+        )
+    return out
+
+
+def _correlation(x: list[float], y: list[float]) -> str:
+    try:
+        return f"{statistics.correlation(x, y):.2f}"
+    except statistics.StatisticsError:  # a constant series: no correlation to speak of
+        return "n/a (constant)"
+
+
 def moving_mean(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[i : i + window]) for i in range(len(values) - window + 1)]
 
@@ -53,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shapescap.monitor_check", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--canary", action="store_true", help="correlate the canary set with the truth instead")
     args = parser.parse_args(argv)
+    if args.canary:
+        print("\n".join(canary_table(args.runs)))
+        return 0
     print(
         "| run | steps | r (per step) | r (moving mean) | repeated, first → last window | duplicates, first → last window |"
     )

@@ -36,6 +36,21 @@ def canary_images(recipe: dict) -> list[EvalImage]:
     return load_eval_set({**data, "limit": limit}, recipe["prompt"])[0][:count]
 
 
+def paired_standard_error(changes: list[float]) -> float:
+    """The standard error of the mean of per-image changes (0 with fewer than two): how far the canary's mean
+    moves by chance when a few of its greedy captions change between checkpoints."""
+    if len(changes) < 2:
+        return 0.0
+    mean = sum(changes) / len(changes)
+    variance = sum((c - mean) ** 2 for c in changes) / (len(changes) - 1)
+    return (variance / len(changes)) ** 0.5
+
+
+def _scores_by_image(rows: list[dict]) -> dict[str, dict[str, float]]:
+    keys = {k for r in rows for k in r if k.startswith("clip_s")}
+    return {k: {r["image_id"]: r[k] for r in rows if k in r} for k in keys}
+
+
 class Canary(TrainerCallback):
     """Captions and scores the canary images at the first step and every `every` steps after; give it the
     trainer (`bind`) before training: its logs go through the trainer's own `log`."""
@@ -57,6 +72,7 @@ class Canary(TrainerCallback):
         self.scorers = clip_scorers(recipe["eval"], device)  # loaded once, for the whole run
         self.trainer: Trainer | None = None
         self.started = False
+        self.first: dict[str, dict[str, float]] | None = None  # scores at the first measurement, per image
 
     def bind(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -73,13 +89,28 @@ class Canary(TrainerCallback):
         if state.global_step % self.every == 0:
             self.measure(state.global_step, kwargs["model"], kwargs["processing_class"])
 
+    def first_measurement(self) -> dict[str, dict[str, float]]:
+        """Per score key, image id -> score at this run's first canary step (read back on a resumed run)."""
+        if self.first is None and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            self.first = _scores_by_image(json.loads(lines[0])["images"]) if lines else None
+        return self.first or {}
+
     def measure(self, step: int, model: torch.nn.Module, processor: Any) -> dict[str, float]:
-        """Caption, score, log and record the canary set at `step`; the logged means."""
+        """Caption, score, log and record the canary set at `step`; the logged means, and the standard error of
+        the mean change since the first measurement (per image, the same pictures: `canary/<score>_se`)."""
         rows = self.caption(model, processor)
+        first = self.first_measurement()
         logs = {}
         for suffix in self.scorers:
-            values = [r[f"clip_s{suffix}"] for r in rows]
-            logs[f"{PREFIX}clip_s{suffix}"] = sum(values) / len(values)
+            key = f"clip_s{suffix}"
+            values = [r[key] for r in rows]
+            logs[f"{PREFIX}{key}"] = sum(values) / len(values)
+            before = first.get(key, {})
+            changes = [r[key] - before[r["image_id"]] for r in rows if r["image_id"] in before]
+            logs[f"{PREFIX}{key}_se"] = paired_standard_error(changes)
+        if self.first is None:
+            self.first = _scores_by_image(rows)
         state = PartialState()
         if state.is_main_process:
             with self.path.open("a") as f:

@@ -9,9 +9,10 @@ Signals (recipe keys in `monitor:`):
 - `length`: mean words per caption reach `length_ratio` times the baseline.
 - `repetition`: the repeated-phrase rate rises `repeated_margin` above the baseline.
 - `canary`: the reward (the mean of the last `baseline_steps` logged steps) is above its baseline while the
-  canary set's CLIP-S (`vizer.canary`; the judge's when there is one) fell `canary_drop` below its first
-  measurement. The canary is greedy on fixed pictures, so one measurement is not noisy the way a step's
-  sampled captions are: it is compared as it is.
+  canary set's CLIP-S (`vizer.canary`; the judge's when there is one) fell below its first measurement by
+  `canary_drop` and by twice the standard error of the per-image change. The pictures are fixed, but their
+  greedy captions change between checkpoints, and the mean of 16 moves by +-0.1 CLIP-S in runs that improve
+  (ShapesCap): a fall within that noise is not a signal.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ SIGNALS = ("length", "repetition", "canary")
 WATCHED = {"length": "health/mean_words", "repetition": "health/repeated"}
 REWARD = "reward"  # TRL's logged mean weighted reward
 CANARY_KEYS = ("canary/clip_s", "canary/clip_s_judge")
+CANARY_SIGMAS = 2.0  # a canary fall counts only beyond this many standard errors of its per-image change
 
 
 @dataclass
@@ -47,7 +49,7 @@ class HealthWatch:
         self.window, self.length_ratio, self.repeated_margin = baseline_steps, length_ratio, repeated_margin
         self.canary_drop = canary_drop
         self.rows: list[dict[str, float]] = []
-        self.canary: list[tuple[int, float]] = []  # (step, canary CLIP-S) per measurement
+        self.canary: list[tuple[int, float, float]] = []  # (step, canary CLIP-S, its change's standard error)
         self.canary_key: str | None = None  # the judge's score when the first measurement has one
         self.fired: set[str] = set()
 
@@ -55,7 +57,8 @@ class HealthWatch:
         if CANARY_KEYS[0] in logs:
             self.canary_key = self.canary_key or next(k for k in reversed(CANARY_KEYS) if k in logs)
             if logs.get(self.canary_key) is not None:
-                self.canary.append((step, float(logs[self.canary_key])))
+                se = float(logs.get(self.canary_key + "_se") or 0.0)
+                self.canary.append((step, float(logs[self.canary_key]), se))
             return self._canary(step)
         if WATCHED["length"] not in logs:  # not a training logging step of a GRPO run
             return []
@@ -96,8 +99,9 @@ class HealthWatch:
         if not all(rewards):
             return []
         base, now = (sum(v) / len(v) for v in rewards)
-        (first_step, first), (_, last) = self.canary[0], self.canary[-1]
-        if not (now > base and last <= first - self.canary_drop):
+        (first_step, first, _), (_, last, se) = self.canary[0], self.canary[-1]
+        margin = max(self.canary_drop, CANARY_SIGMAS * se)
+        if not (now > base and last <= first - margin):
             return []
         self.fired.add("canary")
         who = "judge" if self.canary_key == CANARY_KEYS[1] else "scorer"
@@ -107,7 +111,8 @@ class HealthWatch:
                 step,
                 f"reward {now:.3f} over the last {self.window} logged steps, up from {base:.3f} in the first "
                 f"{self.window}, while the canary {who} CLIP-S fell to {last:.3f} from {first:.3f} at step "
-                f"{first_step} (warns at -{self.canary_drop:g})",
+                f"{first_step} (warns at -{margin:.3g}: the larger of {self.canary_drop:g} and "
+                f"{CANARY_SIGMAS:g} standard errors of the per-image change)",
             )
         ]
 

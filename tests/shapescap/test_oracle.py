@@ -29,3 +29,28 @@ def test_monitor_check_counts_duplicates_as_the_metrics_do():
     captions = ["a red square and a red square", "a large red circle and a small red circle", "a red square", ""]
     assert duplicate_rate(captions) == 0.5
     assert moving_mean([0.0, 1.0, 2.0, 3.0], 2) == [0.5, 1.5, 2.5]
+
+
+def test_monitor_check_reads_the_canary_against_the_truth_of_its_pictures(tmp_path):
+    import json
+
+    from shapescap.monitor_check import canary_table, scene_of
+    from shapescap.scenes import describe, shapes_scenes
+
+    scenes = shapes_scenes("test", 3)
+    assert [scene_of(f"shapes/test/{i}") for i in range(3)] == scenes  # the source's own scenes
+    wrong = "a small yellow triangle"  # colour and shape absent from every scene below
+    assert all("yellow" not in describe(s) and "triangle" not in describe(s) for s in scenes)
+    steps = [
+        (0, [wrong] * 3, 1.0),
+        (10, [describe(scenes[0]), wrong, wrong], 1.2),
+        (20, [describe(s) for s in scenes], 1.5),
+    ]
+    with (tmp_path / "canary.jsonl").open("w") as f:
+        for step, captions, score in steps:
+            images = [{"image_id": f"shapes/test/{i}", "caption": c, "clip_s": score} for i, c in enumerate(captions)]
+            f.write(json.dumps({"step": step, "images": images}) + "\n")
+    row = canary_table([tmp_path])[2].split(" | ")
+    # recall 0 -> 1/3 of the objects -> 1 rises with the score; object hallucination 1 -> 2/3 -> 0 falls
+    assert float(row[4]) > 0.9 and float(row[5]) < -0.9, row
+    assert row[-1].startswith("0.000 → 1.000"), row

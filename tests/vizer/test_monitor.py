@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import read_metrics, tiny_overrides  # noqa: E402
 
 import vizer.grpo  # noqa: E402
+from vizer.canary import paired_standard_error  # noqa: E402
 from vizer.cli import main  # noqa: E402
 from vizer.config import load_recipe  # noqa: E402
 from vizer.monitor import HealthWatch, Monitor  # noqa: E402
@@ -149,12 +150,14 @@ def test_the_well_behaved_tiny_recipe_logs_health_every_step_and_warns_of_nothin
         assert len(shares) == 5 and sum(shares) == pytest.approx(1.0)
 
 
-def canary_rows(rewards, canary, judge=None):
-    """A logging step's reward (with health) and, where given, a canary measurement logged before it."""
+def canary_rows(rewards, canary, judge=None, se=None):
+    """A logging step's reward (with health) and, where given, a canary measurement logged before it (with the
+    standard error of its change when `se` is given)."""
     out = []
     for i, reward in enumerate(rewards):
         if canary[i] is not None:
-            out.append({"canary/clip_s": canary[i], **({"canary/clip_s_judge": judge[i]} if judge else {})})
+            row = {"canary/clip_s": canary[i], **({"canary/clip_s_judge": judge[i]} if judge else {})}
+            out.append({**row, **({"canary/clip_s_se": se[i]} if se else {})})
         out.append({"health/mean_words": 4.0, "health/repeated": 0.0, "reward": reward})
     return out
 
@@ -187,6 +190,19 @@ def test_canary_does_not_warn_without_reward_up_and_canary_down_past_the_margin(
     assert alerts(HealthWatch(baseline_steps=2, canary_drop=0.05), canary_rows(rewards, canary)) == []
 
 
+@pytest.mark.parametrize("se, warns", [(0.04, True), (0.06, False)])
+def test_a_canary_fall_within_twice_its_standard_error_is_noise(se, warns):
+    # 0.10 down: past canary_drop 0.05, and past 2 x 0.04 = 0.08 but not 2 x 0.06 = 0.12
+    logs = canary_rows([0.1, 0.1, 0.3, 0.5], [0.70, None, None, 0.60], se=[0.0, None, None, se])
+    assert alerts(HealthWatch(baseline_steps=2, canary_drop=0.05), logs) == ([("canary", 5)] if warns else [])
+
+
+def test_paired_standard_error_of_the_canary_change():
+    assert paired_standard_error([]) == paired_standard_error([0.3]) == 0.0
+    assert paired_standard_error([0.1, 0.1, 0.1]) == pytest.approx(0.0, abs=1e-12)  # every picture moved alike: no chance in it
+    assert paired_standard_error([0.0, 0.2]) == pytest.approx(0.1)  # sd 0.1414 / sqrt(2)
+
+
 def canary_run(tmp_path, monkeypatch, *overrides):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     base = [*tiny_overrides("tiny-shapes"), "grpo.max_steps=3", "grpo.log_completions=false"]
@@ -208,6 +224,9 @@ def test_the_canary_captions_the_same_eval_images_at_step_0_and_every_n_steps(tm
     for line, row in zip(lines, logged):  # the logged means are those of the recorded captions
         assert row["canary/clip_s"] == pytest.approx(sum(im["clip_s"] for im in line["images"]) / 2)
         assert row["canary/clip_s_judge"] == pytest.approx(sum(im["clip_s_judge"] for im in line["images"]) / 2)
+    # the noise of the change is measured per picture, against the same picture at step 0
+    changes = [now["clip_s"] - then["clip_s"] for now, then in zip(lines[1]["images"], lines[0]["images"])]
+    assert [m["canary/clip_s_se"] for m in logged] == pytest.approx([0.0, paired_standard_error(changes)])
     # a canary step keeps its own training log (logging the canary must not swallow it)
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
 
