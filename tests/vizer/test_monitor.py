@@ -199,7 +199,8 @@ def test_a_canary_fall_within_twice_its_standard_error_is_noise(se, warns):
 
 def test_paired_standard_error_of_the_canary_change():
     assert paired_standard_error([]) == paired_standard_error([0.3]) == 0.0
-    assert paired_standard_error([0.1, 0.1, 0.1]) == pytest.approx(0.0, abs=1e-12)  # every picture moved alike: no chance in it
+    # every picture moved alike: nothing of it is chance
+    assert paired_standard_error([0.1, 0.1, 0.1]) == pytest.approx(0.0, abs=1e-12)
     assert paired_standard_error([0.0, 0.2]) == pytest.approx(0.1)  # sd 0.1414 / sqrt(2)
 
 
