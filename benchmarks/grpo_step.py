@@ -432,6 +432,7 @@ def run_side(options: argparse.Namespace, side: str) -> dict:
 
 
 def compare(options: argparse.Namespace) -> dict[str, float]:
+    nan = float("nan")  # a side that did not count (a dry run)
     runs: dict[str, list[dict]] = {"stock": [], "shared": []}
     for _ in range(options.repeats):
         for side in runs:  # alternate, so a noisy machine slows both alike
@@ -444,10 +445,10 @@ def compare(options: argparse.Namespace) -> dict[str, float]:
         f"grpo_{memory}_{name}": _ratio(med["stock"]["peak_gb"], med["shared"]["peak_gb"]),
         f"grpo_preprocess_time_ratio_{name}": _ratio(med["stock"]["preprocess_s"], med["shared"]["preprocess_s"]),
         # the language model's positions per step, stock vs shared, and shared against the ideal P + G*R per group
-        f"lm_tokens_per_step_stock_{name}": runs["stock"][0]["lm_tokens_per_step"],
-        f"lm_tokens_per_step_shared_{name}": runs["shared"][0]["lm_tokens_per_step"],
+        f"lm_tokens_per_step_stock_{name}": runs["stock"][0].get("lm_tokens_per_step", nan),
+        f"lm_tokens_per_step_shared_{name}": runs["shared"][0].get("lm_tokens_per_step", nan),
         f"lm_tokens_shared_over_ideal_{name}": _ratio(
-            runs["shared"][0]["lm_tokens_per_step"], runs["shared"][0]["lm_tokens_ideal_shared_per_step"]
+            runs["shared"][0].get("lm_tokens_per_step", nan), runs["shared"][0].get("lm_tokens_ideal_shared_per_step")
         ),
     }
     for side, rs in runs.items():

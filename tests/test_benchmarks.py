@@ -87,13 +87,21 @@ def test_generation_is_kept_inside_the_offline_tokenizer(processors):
 
 def test_default_result_names_are_kept(monkeypatch):
     side = {**dict.fromkeys(grpo_step.PARTS, 0.5), "step_s": 2.0, "peak_gb": 4.0}
-    steps = {"stock": dict(side, step_s=8.0, image_tokens=64), "shared": dict(side, image_tokens=64)}
+    steps = {
+        "stock": dict(side, step_s=8.0, image_tokens=64, lm_tokens_per_step=1000.0),
+        "shared": dict(side, image_tokens=64, lm_tokens_per_step=420.0, lm_tokens_ideal_shared_per_step=400.0),
+    }
     monkeypatch.setattr(grpo_step, "run_side", lambda options, name: steps[name])
     results = grpo_step.compare(grpo_step.parse(["--repeats", "1"]))
     assert results["grpo_step_speedup_smolvlm256"] == 4.0
     assert results["grpo_shared_image_tokens_smolvlm256"] == 64
     assert results["grpo_stock_preprocess_s_smolvlm256"] == 0.5, "the split as make train logs it"
     assert "grpo_peak_rss_ratio_smolvlm256" in results
+    assert (
+        results["lm_tokens_per_step_stock_smolvlm256"] == 1000
+        and results["lm_tokens_per_step_shared_smolvlm256"] == 420
+    )
+    assert results["lm_tokens_shared_over_ideal_smolvlm256"] == pytest.approx(1.05), "shared against P + G*R"
     other = grpo_step.compare(grpo_step.parse(["--model", "qwen2vl2b", "--max-pixels", str(1024 * 28 * 28)]))
     assert "grpo_step_speedup_qwen2vl2b_px1024" in other
 

@@ -4,7 +4,8 @@ The first `monitor.canary` images of the recipe's `eval_data` are captioned as `
 (greedy, `eval.max_new_tokens`) with the adapter being trained, at step 0 and every `monitor.every` steps, and
 scored with the eval's CLIP-S scorer and judge. The means go into the trainer's logs (`canary/clip_s`,
 `canary/clip_s_judge`: metrics.jsonl, TensorBoard); the captions, one line per measurement, into
-OUT/canary.jsonl: {"step": N, "images": [{"image_id", "caption", "clip_s", "clip_s_judge"}, ...]}.
+OUT/canary.jsonl: {"step": N, "images": [{"image_id", "caption", "clip_s", "clip_s_judge"}, ...]}, and as a page,
+OUT/canary.html: each picture in a row, its caption at each canary step across.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback
 
+from data.images import to_rgb
 from vizer.caption import Decoding, generate_captions
 from vizer.evaluate import EvalImage, clip_scorers, load_eval_set
 from vizer.families import Family
+from vizer.gallery import render_canary_page, thumbnail_data_uri
 from vizer.metrics import clip_scores
 from vizer.models import LoadedModel, keep_4bit_layout
 
@@ -73,6 +76,7 @@ class Canary(TrainerCallback):
         self.trainer: Trainer | None = None
         self.started = False
         self.first: dict[str, dict[str, float]] | None = None  # scores at the first measurement, per image
+        self.thumbnails: dict[str, str] | None = None  # image id -> data URI, made at the first page
 
     def bind(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -115,6 +119,7 @@ class Canary(TrainerCallback):
         if state.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, "images": rows}) + "\n")
+            self.write_page()
         if self.trainer is not None:
             # The transformers Trainer's own log: TRL's would also take (and clear) the metrics its steps
             # gathered since the last logging step. Logging clears `should_log`, which this step's own
@@ -123,6 +128,14 @@ class Canary(TrainerCallback):
             Trainer.log(self.trainer, dict(logs))
             self.trainer.control.should_log = due
         return logs
+
+    def write_page(self) -> None:
+        """OUT/canary.html from every measurement so far (canary.jsonl, a resumed run's too)."""
+        if self.thumbnails is None:
+            self.thumbnails = {it.image_id: thumbnail_data_uri(to_rgb(it.source)) for it in self.items}
+        measurements = [json.loads(line) for line in self.path.read_text().splitlines()]
+        page = render_canary_page(self.thumbnails, measurements, title=f"canary: {self.path.parent.name}")
+        self.path.with_suffix(".html").write_text(page, encoding="utf-8")
 
     def caption(self, model: torch.nn.Module, processor: Any) -> list[dict]:
         """Per canary image (all processes gathered, in order): its caption and scores. Each process captions

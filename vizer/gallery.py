@@ -143,3 +143,43 @@ def render_gallery(
 def write_gallery(path: Path, items: Sequence[GalleryItem], **kwargs) -> Path:
     path.write_text(render_gallery(items, **kwargs), encoding="utf-8")
     return path
+
+
+CANARY_STYLE = """body{font:14px system-ui,sans-serif;margin:1em}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top;max-width:18em}th{background:#f4f4f4;position:sticky;top:0}
+.id{font-size:11px;color:#666}.sc{font-size:11px;color:#555}.changed{background:#fff6d5}"""
+
+
+def render_canary_page(thumbnails: dict[str, str], measurements: Sequence[dict], *, title: str) -> str:
+    """canary.html: one row per canary picture, one column per measurement (`{"step", "images": [{"image_id",
+    "caption", "clip_s", ...}]}`, as canary.jsonl holds them); a caption that changed since the previous
+    measurement is highlighted."""
+    steps = [m["step"] for m in measurements]
+    by_step = [{im["image_id"]: im for im in m["images"]} for m in measurements]
+    rows = []
+    for image_id, uri in thumbnails.items():
+        cells, before = [], None
+        for seen in by_step:
+            entry = seen.get(image_id)
+            if entry is None:
+                cells.append("<td></td>")
+                continue
+            scores = {k: v for k, v in entry.items() if k.startswith("clip_s")}
+            changed = before is not None and entry["caption"] != before
+            cells.append(
+                f"<td{' class=changed' if changed else ''}><p>{html.escape(entry['caption']) or '<i>(empty)</i>'}</p>"
+                f"<div class=sc>{_score_line(scores)}</div></td>"
+            )
+            before = entry["caption"]
+        rows.append(
+            f'<tr><td><img src="{uri}" alt="{html.escape(image_id)}"><div class=id>{html.escape(image_id)}</div></td>'
+            + "".join(cells)
+            + "</tr>"
+        )
+    head = "".join(f"<th>step {s}</th>" for s in steps)
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{CANARY_STYLE}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>The same pictures captioned greedily as training goes; highlighted: the caption changed since the previous step.</p>
+<table><thead><tr><th>image</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></body></html>
+"""

@@ -1,5 +1,6 @@
 """Caption health in every run, the warnings it raises, and `monitor.stop_on`."""
 
+import html
 import itertools
 import json
 import sys
@@ -228,8 +229,27 @@ def test_the_canary_captions_the_same_eval_images_at_step_0_and_every_n_steps(tm
     # the noise of the change is measured per picture, against the same picture at step 0
     changes = [now["clip_s"] - then["clip_s"] for now, then in zip(lines[1]["images"], lines[0]["images"])]
     assert [m["canary/clip_s_se"] for m in logged] == pytest.approx([0.0, paired_standard_error(changes)])
+    # the page: each picture with its caption at each step
+    page = (tmp_path / "canary.html").read_text()
+    assert "<th>step 0</th><th>step 2</th>" in page and page.count('<img src="data:image/png;base64,') == 2
+    for image in lines[1]["images"]:
+        assert html.escape(image["caption"]) in page
     # a canary step keeps its own training log (logging the canary must not swallow it)
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+
+
+def test_the_canary_page_marks_a_caption_that_changed_since_the_previous_step():
+    from vizer.gallery import render_canary_page
+
+    steps = [
+        {"step": 0, "images": [{"image_id": "a", "caption": "a red square", "clip_s": 0.5}]},
+        {"step": 50, "images": [{"image_id": "a", "caption": "a red square", "clip_s": 0.5}]},
+        {"step": 100, "images": [{"image_id": "a", "caption": "a red square & a red square", "clip_s": 0.4}]},
+    ]
+    page = render_canary_page({"a": "data:image/png;base64,AAAA"}, steps, title="t")
+    cells = page.split("<tr>")[-1].split("<td")[2:]  # after the image cell: steps 0, 50, 100
+    assert [c.startswith(" class=changed") for c in cells] == [False, False, True]
+    assert "a red square &amp; a red square" in page and "clip_s 0.4" in page
 
 
 def test_canary_0_captions_nothing(tmp_path, monkeypatch):
