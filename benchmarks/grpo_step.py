@@ -4,6 +4,7 @@
     python -m benchmarks.grpo_step --recipe smolvlm256-openimages --device cuda --repeats 1
     python -m benchmarks.grpo_step --model qwen2vl2b --max-pixels 200704
     python -m benchmarks.grpo_step --model smolvlm2b --device cuda --quant 4bit --repeats 1 --csv steps.csv
+    python -m benchmarks.grpo_step --generation-option cache_implementation=static --repeats 1
 
 The models are random with the published dimensions of SmolVLM-256M/500M/2.2B-Base and Qwen2-VL-2B-Instruct
 (`benchmarks/real_sized.py`, which names the sources); speed and memory do not depend on the weights' values.
@@ -13,9 +14,14 @@ Each side runs in its own process (so peak memory is its own: RSS on the CPU, to
 on a GPU; GB here are 2^30 bytes); sides alternate, `repeats` times, and the median seconds per step (after a warm-up step) is
 reported with its split as `make train` logs it (`timing/*`): preprocess (the processor), generation, reward,
 forward_backward (log-prob forwards, the loss forward and backward) and other (the rest of the step).
-The shared side preprocesses each distinct picture once (`vizer.preprocess_once`) and asks
-`vizer.shared_vision.why_not_shared` before sharing the vision tower; when it names a reason (e.g. a family whose
-tower cannot share), the reason goes to stderr and the vision tower runs, and is reported, as stock.
+The shared side preprocesses each distinct picture once (`vizer.preprocess_once`), reads each group's prompt
+once in the language model when `vizer.shared_prefix.why_not_shared_prefix` allows, and asks
+`vizer.shared_vision.why_not_shared` before sharing the vision tower; when either names a reason (e.g. a family
+whose tower cannot share), the reason goes to stderr and that part runs, and is reported, as stock. Both sides
+count the positions the language model computes in the log-prob and training forwards (`lm_tokens_per_step_*`,
+padding included) and the shared side's count against the ideal P + G*R per group (`lm_tokens_shared_over_ideal`).
+`--generation-option KEY=VALUE` times the shared side without and with one more GRPOConfig setting instead
+(`generation_speedup_*`, `step_speedup_*`).
 Each side also reports images/s (distinct pictures per second of step) and `preprocess_calls_per_distinct_image`
 (pictures the image processor was handed per distinct picture of the run: 2G for stock TRL, 1 when shared).
 
@@ -197,7 +203,16 @@ def grpo_args(options: argparse.Namespace, model: Any, processor: Any) -> Any:
                 *real_sized.unused_vocab(options.model, processor),
             ]
         },
+        **(dict([_option(options.grpo_option)]) if options.grpo_option else {}),
     )
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """'key=value' -> (key, value parsed as YAML), e.g. cache_implementation=static."""
+    import yaml
+
+    key, _, value = text.partition("=")
+    return key, yaml.safe_load(value)
 
 
 def _run_side(shared: bool, options: argparse.Namespace) -> dict:
@@ -364,7 +379,15 @@ def append_csv(path: Path, options: argparse.Namespace, side: str, result: dict)
         "preprocess_calls_per_distinct_image": f"{result['preprocess_calls_per_distinct_image']:.2f}",
         "image_tokens": result["image_tokens"],
         "device": options.device,
-        "note": result.get("fallback") or ("dry run" if options.dry_run else ""),
+        "note": "; ".join(
+            n
+            for n in (
+                result.get("fallback"),
+                "dry run" if options.dry_run else None,
+                f"with {options.grpo_option}" if options.grpo_option else None,
+            )
+            if n
+        ),
     }
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
@@ -422,6 +445,9 @@ def side_command(options: argparse.Namespace, side: str) -> list[str]:
         command += ["--csv", str(options.csv)]
     if options.dry_run:
         command.append("--dry-run")
+    if side == "option":  # the shared side with one more GRPOConfig setting
+        command[command.index("--side") + 1] = "shared"
+        command += ["--grpo-option", options.generation_option]
     return command
 
 
@@ -431,7 +457,28 @@ def run_side(options: argparse.Namespace, side: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def compare_option(options: argparse.Namespace) -> dict[str, float]:
+    """The shared side without and with `--generation-option`, alternating: its effect on generation and step."""
+    runs: dict[str, list[dict]] = {"shared": [], "option": []}
+    for _ in range(options.repeats):
+        for side in runs:
+            runs[side].append(run_side(options, side))
+    med = {side: {k: statistics.median(r[k] for r in rs) for k in PARTS} for side, rs in runs.items()}
+    key, value = _option(options.generation_option)
+    name = f"{label(options)}_{key}_{value}".replace("-", "_")
+    results = {
+        f"generation_speedup_{name}": _ratio(med["shared"]["generation_s"], med["option"]["generation_s"]),
+        f"step_speedup_{name}": _ratio(med["shared"]["step_s"], med["option"]["step_s"]),
+    }
+    for side in runs:
+        for part in ("step_s", "generation_s", "peak_gb"):
+            results[f"grpo_{side}_{part}_{name}"] = med[side][part]
+    return results
+
+
 def compare(options: argparse.Namespace) -> dict[str, float]:
+    if options.generation_option:
+        return compare_option(options)
     nan = float("nan")  # a side that did not count (a dry run)
     runs: dict[str, list[dict]] = {"stock": [], "shared": []}
     for _ in range(options.repeats):
@@ -498,6 +545,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quant", choices=["none", "4bit"], default="none", help="4bit: bitsandbytes NF4 (QLoRA)")
     parser.add_argument("--csv", type=Path, help="append one row per side to this CSV file")
     parser.add_argument("--dry-run", action="store_true", help="build model, trainer and sharing decision; no steps")
+    parser.add_argument(
+        "--generation-option",
+        metavar="KEY=VALUE",
+        help="time the shared side without and with this GRPOConfig setting (e.g. cache_implementation=static)",
+    )
+    parser.add_argument("--grpo-option", help=argparse.SUPPRESS)  # the setting, in the side's subprocess
     parser.add_argument("--side", choices=["stock", "shared"], help=argparse.SUPPRESS)  # one side, in a subprocess
     options = parser.parse_args(argv)
     options.recipe_settings = {}

@@ -150,4 +150,24 @@ def test_gpu_script_runs_each_recipe_row(tmp_path):
         "smolvlm_openimages",
         "smolvlm256_openimages_split",
         "smolvlm_openimages_split",
+        "smolvlm256_openimages",
     ]
+    assert grpo_step.parse(rows[-1]).generation_option == "cache_implementation=static"  # shared side, with and without
+
+
+def test_a_generation_option_is_timed_on_the_shared_side_without_and_with_it(monkeypatch):
+    options = grpo_step.parse(["--generation-option", "cache_implementation=static", "--repeats", "1"])
+    plain, option = grpo_step.side_command(options, "shared"), grpo_step.side_command(options, "option")
+    assert "--grpo-option" not in plain
+    assert option[option.index("--side") + 1] == "shared" and option[-2:] == [
+        "--grpo-option",
+        "cache_implementation=static",
+    ]
+    assert grpo_step.parse(option[3:]).grpo_option == "cache_implementation=static", "the side process reads it back"
+    assert grpo_step._option("cache_implementation=static") == ("cache_implementation", "static")
+    side = {**dict.fromkeys(grpo_step.PARTS, 1.0)}
+    steps = {"shared": dict(side, generation_s=3.0, step_s=4.0), "option": dict(side, generation_s=1.5, step_s=2.5)}
+    monkeypatch.setattr(grpo_step, "run_side", lambda options, name: steps[name])
+    results = grpo_step.compare(options)
+    assert results["generation_speedup_smolvlm256_cache_implementation_static"] == 2.0
+    assert results["step_speedup_smolvlm256_cache_implementation_static"] == 1.6
