@@ -50,3 +50,27 @@ def test_a_length_hack_warns_within_a_tenth_of_its_steps_and_stops_there(short_c
     assert rows[-1]["step"] == step, "the run ends at the step that warned"
     assert rows[-1]["health/mean_words"] > 2 * rows[0]["health/mean_words"]  # the captions did grow
     assert (tmp_path / f"checkpoint-{step}" / "trainer_state.json").is_file() and adapter.is_dir()
+
+
+def test_the_demo_recipe_on_the_same_captioner_warns_of_nothing(short_captioner, tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "vizer"))
+    from test_train import read_metrics
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    said = []
+    monkeypatch.setattr("vizer.train.PartialState.print", lambda self, *a, **k: said.append(" ".join(map(str, a))))
+    overrides = [
+        f"model.id={short_captioner}",
+        "rewards.0.model=tiny:clip",  # grounding and phrase_grounding: a tiny scorer stands in for the shapes CLIP
+        "rewards.5.model=tiny:clip",
+        "grpo.max_steps=30",
+        "grpo.logging_steps=1",
+        "monitor.baseline_steps=3",  # as sensitive as the hack's monitor
+        "monitor.canary=0",
+        "grpo.log_completions=false",
+    ]
+    recipe = load_recipe("shapes-phrases", overrides)
+    assert [r["name"] for r in recipe["rewards"]][5] == "phrase_grounding"
+    train(recipe, tmp_path)
+    assert not [line for line in said if line.startswith("monitor:")], said
+    assert [m["step"] for m in read_metrics(tmp_path) if "loss" in m] == list(range(1, 31))
