@@ -39,8 +39,18 @@ _LABEL_IGNORE = -100
 # ---------------------------------------------------------------------------------------------
 
 
+def _inner(model: nn.Module) -> nn.Module:
+    """The model under a DistributedDataParallel wrapper (which has neither its config nor its methods); the
+    forward still goes through the wrapper, which synchronises the gradients."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _config(model: nn.Module):
+    return _inner(model).config
+
+
 def _text_config(model: nn.Module):
-    return model.config.get_text_config()
+    return _config(model).get_text_config()
 
 
 def why_not_shared_prefix(model: nn.Module, family: str) -> str | None:
@@ -73,7 +83,7 @@ def _has_dropout(model: nn.Module) -> bool:
                 found.append(value)
         return found
 
-    return any(rate > 0 for rate in rates(model.config.to_dict()))  # attention dropout is a rate, not a module
+    return any(rate > 0 for rate in rates(_config(model).to_dict()))  # attention dropout is a rate, not a module
 
 
 def lm_tokens(rows: int, prompt_len: int, completion_len: int, num_generations: int) -> tuple[int, int]:
@@ -328,7 +338,7 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the packing's rows, in packed order: (completions, R)."""
     implementation = _text_config(model)._attn_implementation
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = _inner(model).get_input_embeddings().weight.dtype
     inputs = {
         "input_ids": stock["input_ids"][packing.src_row, packing.src_col],
         "attention_mask": _mask_for(packed_attention(packing, stock["attention_mask"]), implementation, dtype),
@@ -395,7 +405,7 @@ def grouped_per_token_logps(
     prompt_len = length - logits_to_keep
     if prompt_len < 1:
         raise ValueError("the rows hold no prompt column before the completions")
-    image_token = getattr(model.config, "image_token_id", None)
+    image_token = getattr(_config(model), "image_token_id", None)
     if image_token is not None and bool((input_ids[:, prompt_len - 1 :] == image_token).any()):
         raise ValueError("image tokens after the shared prefix (in the last prompt column or a completion)")
 
