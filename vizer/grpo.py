@@ -5,7 +5,8 @@
 - optionally each distinct picture of a step preprocessed once (`preprocess_once`, `vizer.preprocess_once`);
 - the sampled captions' health (`vizer.health`) logged as `health/*` at each logging step;
 - optionally each group's prompt and image read once by the language model in the log-prob and training forwards
-  (`share_prefix`, `vizer.shared_prefix`), with the training micro-batches cut between whole groups.
+  (`share_prefix`, `vizer.shared_prefix`), with the training micro-batches cut between whole groups, and
+  prefilled once in generation (`vizer.prefill_once`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict
 
 from rewards.common import completion_text
 from vizer.health import caption_health
+from vizer.prefill_once import prefill_once
 from vizer.preprocess_once import PreprocessOnce
 from vizer.shared_prefix import grouped_per_token_logps
 from vizer.step_timing import PhaseClock
@@ -164,7 +166,12 @@ class CaptionGRPOTrainer(GRPOTrainer):
             return super()._tokenize_prompts(*args, **kwargs)
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any):
-        with self.clock.phase("generation"):
+        # with the shared prefix, generation prefills each group's prompt once too (vizer.prefill_once)
+        model = self.accelerator.unwrap_model(self.model_wrapped) if self.share_prefix else None
+        with (
+            self.clock.phase("generation"),
+            instance_wrapped(model, "generate", lambda generate: prefill_once(generate, model, self.num_generations)),
+        ):
             return super()._generate_single_turn(*args, **kwargs)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

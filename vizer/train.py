@@ -240,8 +240,8 @@ def prefix_path(setting: str | bool, trainer: CaptionGRPOTrainer, family: str, s
     if reason is None:
         trainer.share_prefix = True
         state.print(
-            "language model: each group's prompt and image read once per forward, its completions attend to it "
-            "(model.share_prefix)"
+            "language model: each group's prompt and image read once per forward and prefilled once in generation, "
+            "its completions attend to it (model.share_prefix)"
         )
     elif setting is True:
         raise RecipeError(f"'model.share_prefix' is true, but {reason}; set it to auto or false")

@@ -306,13 +306,28 @@ def test_lm_tokens_counts_what_the_language_model_reads():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_short_run_trains_the_same_adapter_with_and_without_the_shared_prefix(family, tmp_path, capsys):
+def test_a_short_run_trains_the_same_adapter_with_and_without_the_shared_prefix(family, tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file
     from test_train import tiny_overrides
 
+    import vizer.grpo
     from vizer import train as runner
     from vizer.config import load_recipe
 
+    prefilled = []  # (rows prefilled, rows generated) per generate call of the shared run
+
+    def recorded(generate, model, size):
+        wrapped = vizer.grpo.prefill_once.__wrapped__(generate, model, size)
+
+        def call(**kwargs):
+            out = wrapped(**kwargs)
+            prefilled.append((wrapped.stats["prefilled_rows"], wrapped.stats["rows"]))
+            return out
+
+        return call
+
+    recorded.__wrapped__ = vizer.grpo.prefill_once
+    monkeypatch.setattr(vizer.grpo, "prefill_once", recorded)
     adapters = {}
     for setting in ("false", "auto"):
         overrides = [
@@ -333,6 +348,8 @@ def test_a_short_run_trains_the_same_adapter_with_and_without_the_shared_prefix(
     assert "language model: each group's prompt and image read once per forward" in said
     for key, value in adapters["false"].items():
         torch.testing.assert_close(adapters["auto"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    # generation prefilled one row per group of 4 (2 images per step), in every step of the shared run only
+    assert prefilled == [(2, 8)] * 3, prefilled
 
 
 def test_share_prefix_true_refuses_what_would_not_be_exact_and_auto_says_why(tmp_path, capsys):
