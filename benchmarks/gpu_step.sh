@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GRPO steps of the real recipes' settings on one GPU: stock TRL vs the runner's shared path (each distinct
-# picture preprocessed once, group-shared vision, group-shared prompt in the language model), each side in its own process (benchmarks/grpo_step.py
-# --recipe). Random real-sized models, offline; under 8 minutes.
+# picture preprocessed once, group-shared vision, group-shared prompt in the language model), each side in its
+# own process (benchmarks/grpo_step.py --recipe). Random real-sized models, offline; under 8 minutes.
 #
 #   benchmarks/gpu_step.sh [CSV]          # default: $OUT/gpu_steps.csv (or ./gpu_steps.csv)
 #   PYTHON=python3 benchmarks/gpu_step.sh "$OUT/gpu_steps.csv"   # a machine whose python3 has the packages
@@ -9,9 +9,10 @@
 # Rows (ROWS, one per line: a recipe name and extra grpo_step flags): the three real recipes at their own G,
 # images per step, per-device batch, completion length, quantization and processor options, the two SmolVLM
 # recipes with image splitting, then (last: it displaces nothing) the 256M recipe's shared side without and with
-# a static KV cache (TRL's `cache_implementation`; 1.04x on a 2-core CPU). Writes one CSV row per side as it finishes (model = the result name,
-# quant, shared, peak_gb = torch.cuda.max_memory_allocated in 2^30 bytes, step_s, images_per_s, the split
-# preprocess_s, generation_s, reward_s, forward_backward_s, other_s, preprocess_calls_per_distinct_image, ...)
+# a static KV cache (TRL's `cache_implementation`; 1.04x on a 2-core CPU). Writes one CSV row per side as it
+# finishes (model = the result name, quant, shared, peak_gb = torch.cuda.max_memory_allocated in 2^30 bytes,
+# step_s, images_per_s, the split preprocess_s, generation_s, reward_s, forward_backward_s, other_s,
+# preprocess_calls_per_distinct_image, ...)
 # and the runs' output to <CSV>.log. A row that would pass the time budget is skipped and named in the log, so
 # the rows written so far always come back.
 # Knobs (environment): ROWS, STEPS (timed steps after one warm-up), BUDGET_S, DEVICE, PYTHON,

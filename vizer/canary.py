@@ -75,7 +75,7 @@ class Canary(TrainerCallback):
         self.scorers = clip_scorers(recipe["eval"], device)  # loaded once, for the whole run
         self.trainer: Trainer | None = None
         self.started = False
-        self.first: dict[str, dict[str, float]] | None = None  # scores at the first measurement, per image
+        self.measurements: list[dict] | None = None  # canary.jsonl's lines, read once (a resumed run's too)
         self.thumbnails: dict[str, str] | None = None  # image id -> data URI, made at the first page
 
     def bind(self, trainer: Trainer) -> None:
@@ -93,18 +93,19 @@ class Canary(TrainerCallback):
         if state.global_step % self.every == 0:
             self.measure(state.global_step, kwargs["model"], kwargs["processing_class"])
 
-    def first_measurement(self) -> dict[str, dict[str, float]]:
-        """Per score key, image id -> score at this run's first canary step (read back on a resumed run)."""
-        if self.first is None and self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            self.first = _scores_by_image(json.loads(lines[0])["images"]) if lines else None
-        return self.first or {}
+    def history(self) -> list[dict]:
+        """This run's measurements so far: canary.jsonl as a resumed run left it, then those of this launch."""
+        if self.measurements is None:
+            lines = self.path.read_text().splitlines() if self.path.is_file() else []
+            self.measurements = [json.loads(line) for line in lines]
+        return self.measurements
 
     def measure(self, step: int, model: torch.nn.Module, processor: Any) -> dict[str, float]:
         """Caption, score, log and record the canary set at `step`; the logged means, and the standard error of
         the mean change since the first measurement (per image, the same pictures: `canary/<score>_se`)."""
         rows = self.caption(model, processor)
-        first = self.first_measurement()
+        history = self.history()
+        first = _scores_by_image(history[0]["images"]) if history else {}
         logs = {}
         for suffix in self.scorers:
             key = f"clip_s{suffix}"
@@ -113,13 +114,11 @@ class Canary(TrainerCallback):
             before = first.get(key, {})
             changes = [r[key] - before[r["image_id"]] for r in rows if r["image_id"] in before]
             logs[f"{PREFIX}{key}_se"] = paired_standard_error(changes)
-        if self.first is None:
-            self.first = _scores_by_image(rows)
-        state = PartialState()
-        if state.is_main_process:
+        history.append({"step": step, "images": rows})
+        if PartialState().is_main_process:
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, "images": rows}) + "\n")
-            self.write_page()
+                f.write(json.dumps(history[-1]) + "\n")
+            self.write_page(history)
         if self.trainer is not None:
             # The transformers Trainer's own log: TRL's would also take (and clear) the metrics its steps
             # gathered since the last logging step. Logging clears `should_log`, which this step's own
@@ -129,11 +128,10 @@ class Canary(TrainerCallback):
             self.trainer.control.should_log = due
         return logs
 
-    def write_page(self) -> None:
-        """OUT/canary.html from every measurement so far (canary.jsonl, a resumed run's too)."""
+    def write_page(self, measurements: list[dict]) -> None:
+        """OUT/canary.html from every measurement so far (a resumed run's too)."""
         if self.thumbnails is None:
             self.thumbnails = {it.image_id: thumbnail_data_uri(to_rgb(it.source)) for it in self.items}
-        measurements = [json.loads(line) for line in self.path.read_text().splitlines()]
         page = render_canary_page(self.thumbnails, measurements, title=f"canary: {self.path.parent.name}")
         self.path.with_suffix(".html").write_text(page, encoding="utf-8")
 

@@ -19,25 +19,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from vizer.shared_prefix import _RowImages
+from vizer.shared_prefix import RowImages, prompt_groups
 
 IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_grid_thw")
 
 
-def group_count(input_ids: torch.Tensor, attention_mask: torch.Tensor, images: _RowImages, size: int) -> int | None:
-    """The number of groups when the rows are consecutive runs of `size` identical rows, else None."""
+def in_consecutive_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, images: RowImages, size: int) -> bool:
+    """Whether the rows are consecutive runs of `size` identical rows (prompt tokens, mask and pictures), the
+    layout the repeated cache takes; the groups are found as the shared prefix finds them."""
     rows = input_ids.size(0)
     if size < 2 or rows % size:
-        return None
-    for start in range(0, rows, size):
-        for row in range(start + 1, start + size):
-            if not (
-                torch.equal(input_ids[row], input_ids[start])
-                and torch.equal(attention_mask[row], attention_mask[start])
-                and images.same(row, start)
-            ):
-                return None
-    return rows // size
+        return False
+    groups = prompt_groups(input_ids, attention_mask, input_ids.size(1), images.same)
+    return groups == [list(range(start, start + size)) for start in range(0, rows, size)]
 
 
 def prefill_once(generate: Callable, model: nn.Module, num_generations: int) -> Callable:
@@ -48,7 +42,7 @@ def prefill_once(generate: Callable, model: nn.Module, num_generations: int) -> 
         if args or input_ids is None or attention_mask is None or kwargs.get("cache") is not None:
             return generate(*args, **kwargs)
         try:
-            images = _RowImages(
+            images = RowImages(
                 input_ids.size(0),
                 *(kwargs.get(k) for k in ("pixel_values", "pixel_attention_mask")),
                 kwargs.get("image_grid_thw"),
@@ -56,7 +50,7 @@ def prefill_once(generate: Callable, model: nn.Module, num_generations: int) -> 
             )
         except ValueError:  # rows without exactly one image each (Qwen2-VL)
             return generate(*args, **kwargs)
-        if group_count(input_ids, attention_mask, images, num_generations) is None:
+        if not in_consecutive_groups(input_ids, attention_mask, images, num_generations):
             return generate(*args, **kwargs)
         first = list(range(0, input_ids.size(0), num_generations))
         cache = _prefill(model, kwargs, first, images)
@@ -73,7 +67,7 @@ def prefill_once(generate: Callable, model: nn.Module, num_generations: int) -> 
     return wrapped
 
 
-def _prefill(model: nn.Module, kwargs: dict, rows: list[int], images: _RowImages):
+def _prefill(model: nn.Module, kwargs: dict, rows: list[int], images: RowImages):
     """The cache of these rows' prompts but their last token, computed as `generate`'s own first step would."""
     inputs = {"input_ids": kwargs["input_ids"][rows], "attention_mask": kwargs["attention_mask"][rows]}
     if kwargs.get("mm_token_type_ids") is not None:

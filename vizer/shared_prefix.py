@@ -129,7 +129,7 @@ def stock_position_ids(
     return default.expand(3, rows, length) if positions is None else positions
 
 
-class _RowImages:
+class RowImages:
     """Each row's image inputs, to compare rows and to pass one row per group.
 
     Two layouts: one entry per row (idefics3: pixel_values and pixel_attention_mask), or all images' patches in
@@ -331,7 +331,7 @@ def _forward(
     model: nn.Module,
     packing: Packing,
     stock: dict[str, torch.Tensor],
-    images: _RowImages,
+    images: RowImages,
     temperature: float,
     compute_entropy: bool,
     fused_lm_head: bool,
@@ -409,7 +409,7 @@ def grouped_per_token_logps(
     if image_token is not None and bool((input_ids[:, prompt_len - 1 :] == image_token).any()):
         raise ValueError("image tokens after the shared prefix (in the last prompt column or a completion)")
 
-    images = _RowImages(rows, pixel_values, pixel_attention_mask, image_grid_thw, num_images)
+    images = RowImages(rows, pixel_values, pixel_attention_mask, image_grid_thw, num_images)
     positions = stock_position_ids(model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
     next_ids, labels = _next_tokens(input_ids, attention_mask)
     stock = {
