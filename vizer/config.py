@@ -46,6 +46,9 @@ MODEL_SCHEMA: dict[str, tuple[tuple, Any]] = {
     # read each group's prompt and image once in the language model's log-prob and training forwards
     # (vizer/shared_prefix.py): auto = where exact; true; false
     "share_prefix": ((str, bool), "auto"),
+    # merge the LoRA adapter into its weights while generating (vizer/merged_generation.py): auto = where exact
+    # (float32 weights, plain Linear layers, no LoRA dropout); true; false
+    "merge_for_generation": ((str, bool), "auto"),
 }
 LORA_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "r": ((int,), 16),
@@ -138,6 +141,7 @@ CHOICES = {
     "model.family": ("auto", "idefics3", "qwen2_vl", "generic"),
     "model.share_vision": ("auto", True, False),
     "model.share_prefix": ("auto", True, False),
+    "model.merge_for_generation": ("auto", True, False),
     "objective": ("grpo", "vizer"),
     "mapper.variant": ("G", "GT"),
 }

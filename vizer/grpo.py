@@ -6,7 +6,9 @@
 - the sampled captions' health (`vizer.health`) logged as `health/*` at each logging step;
 - optionally each group's prompt and image read once by the language model in the log-prob and training forwards
   (`share_prefix`, `vizer.shared_prefix`), with the training micro-batches cut between whole groups, and
-  prefilled once in generation (`vizer.prefill_once`).
+  prefilled once in generation (`vizer.prefill_once`);
+- optionally the LoRA adapter merged into its weights while generating (`merge_for_generation`,
+  `vizer.merged_generation`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict
 
 from rewards.common import completion_text
 from vizer.health import caption_health
+from vizer.merged_generation import merged_adapter
 from vizer.prefill_once import prefill_once
 from vizer.preprocess_once import PreprocessOnce
 from vizer.shared_prefix import grouped_per_token_logps
@@ -127,6 +130,7 @@ class CaptionGRPOTrainer(GRPOTrainer):
         self.add_callback(_StartClock(self.clock))
         self.preprocess_once: PreprocessOnce | None = None  # set by the runner where it applies
         self.share_prefix = False  # set by the runner where it is exact
+        self.merge_for_generation = False  # likewise
         self._health = HealthBuffer()
 
     # -- timing seams: each wraps one upstream method in its phase (see vizer.step_timing) --------------------
@@ -167,10 +171,14 @@ class CaptionGRPOTrainer(GRPOTrainer):
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any):
         # with the shared prefix, generation prefills each group's prompt once too (vizer.prefill_once)
-        model = self.accelerator.unwrap_model(self.model_wrapped) if self.share_prefix else None
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        prefilled = model if self.share_prefix else None
         with (
             self.clock.phase("generation"),
-            instance_wrapped(model, "generate", lambda generate: prefill_once(generate, model, self.num_generations)),
+            merged_adapter(model) if self.merge_for_generation else contextlib.nullcontext(),
+            instance_wrapped(
+                prefilled, "generate", lambda generate: prefill_once(generate, prefilled, self.num_generations)
+            ),
         ):
             return super()._generate_single_turn(*args, **kwargs)
 

@@ -34,6 +34,7 @@ from vizer.config import GRPO_SCHEMA, VIZER_SCHEMA, RecipeError, dump_recipe, ne
 from vizer.families import detect_family
 from vizer.grpo import CaptionGRPOTrainer
 from vizer.mapper import check_mapper, ensure_mapper, mapper_dir
+from vizer.merged_generation import why_not_merged
 from vizer.model_ids import resolve_model_id
 from vizer.models import load_model, lora_config
 from vizer.monitor import Monitor
@@ -249,6 +250,25 @@ def prefix_path(setting: str | bool, trainer: CaptionGRPOTrainer, family: str, s
         state.print(f"language model: stock path, every completion re-reads its prompt and image ({reason})")
 
 
+def merge_path(setting: str | bool, trainer: CaptionGRPOTrainer, state: PartialState) -> None:
+    """Merge the LoRA adapter into its weights while generating when that is exact; say which path runs."""
+    reason = "model.merge_for_generation is false"
+    if setting is not False and trainer.use_vllm:
+        reason = "vLLM generates, and TRL hands it the merged weights itself"
+    elif setting is not False:
+        was = trainer.model.training
+        trainer.model.train()  # judged as it will generate: dropout is active only in training mode
+        reason = why_not_merged(trainer.accelerator.unwrap_model(trainer.model))
+        trainer.model.train(was)
+    if reason is None:
+        trainer.merge_for_generation = True
+        state.print("generation: the LoRA adapter merged into its weights while sampling (model.merge_for_generation)")
+    elif setting is True:
+        raise RecipeError(f"'model.merge_for_generation' is true, but {reason}; set it to auto or false")
+    else:
+        state.print(f"generation: adapter applied unmerged at every token ({reason})")
+
+
 def preprocess_path(setting: str | bool, trainer: CaptionGRPOTrainer, family: str, state: PartialState) -> None:
     """Preprocess each distinct picture of a step once (always exact: the processor's own values are reused),
     under the same switch as group-shared vision; say which path runs."""
@@ -376,6 +396,7 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     if isinstance(trainer, CaptionGRPOTrainer):
         preprocess_path(recipe["model"]["share_vision"], trainer, loaded.family.name, state)
         prefix_path(recipe["model"]["share_prefix"], trainer, loaded.family.name, state)
+        merge_path(recipe["model"]["merge_for_generation"], trainer, state)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except OSError as err:

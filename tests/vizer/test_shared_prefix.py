@@ -191,6 +191,28 @@ def test_log_probs_entropies_and_lora_gradients_equal_trls_stock_forward(family,
     assert padded.any() and (shared[0][padded] == 0).all(), "padded positions give 0, as TRL's fused head does"
 
 
+def test_only_completion_positions_reach_the_vocabulary_projection(family, monkeypatch):
+    """On a device without Triton TRL's fused head scores every position; the packed rows' prompt columns are
+    never scored, so only the labelled completion tokens are projected onto the vocabulary (and the log-probs
+    stay the stock ones, checked above)."""
+    import trl.trainer.utils as trl_utils
+
+    projected = []
+    chunked = trl_utils._ChunkedLogProbFunction
+
+    def counting(hidden, *args):
+        projected.append(hidden.shape[0])
+        return chunked.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", types.SimpleNamespace(apply=counting))
+    batch = trl_batch(family)
+    with torch.no_grad():
+        logps, _ = shared_forward(ready(family), batch)
+    assert projected == [sum(LENGTHS)]
+    assert trl_utils._use_triton(torch.device("cpu")) is False, "TRL's own choice is back after the forward"
+    assert (logps != 0).sum() == sum(LENGTHS)
+
+
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_a_shuffled_micro_batch_with_look_alike_prompts(family, batch_size):
     """A training micro-batch: TRL shuffles the generation batch and splits it, so groups arrive out of order and
