@@ -8,7 +8,8 @@
 
 The models are random with the published dimensions of SmolVLM-256M/500M/2.2B-Base and Qwen2-VL-2B-Instruct
 (`benchmarks/real_sized.py`, which names the sources); speed and memory do not depend on the weights' values.
-The offline tokenizer is smaller than the published vocabulary, so generation is kept inside its ids.
+The offline tokenizer is smaller than the published vocabulary, so generation is kept inside its ids (a mask
+built once per `generate` call on both sides: a real run suppresses one image token, not ~49,000 ids).
 
 Each side runs in its own process (so peak memory is its own: RSS on the CPU, torch.cuda.max_memory_allocated
 on a GPU; GB here are 2^30 bytes); sides alternate, `repeats` times, and the median seconds per step (after a warm-up step) is
@@ -16,8 +17,9 @@ reported with its split as `make train` logs it (`timing/*`): preprocess (the pr
 forward_backward (log-prob forwards, the loss forward and backward) and other (the rest of the step).
 The shared side preprocesses each distinct picture once (`vizer.preprocess_once`), reads each group's prompt
 once in the language model when `vizer.shared_prefix.why_not_shared_prefix` allows, and asks
-`vizer.shared_vision.why_not_shared` before sharing the vision tower; when either names a reason (e.g. a family
-whose tower cannot share), the reason goes to stderr and that part runs, and is reported, as stock. Both sides
+`vizer.shared_vision.why_not_shared` before sharing the vision tower, and generates with the adapter merged where
+`vizer.merged_generation.why_not_merged` allows (float32: the CPU; not bf16 or 4-bit); when one names a reason
+(e.g. a family whose tower cannot share), the reason goes to stderr and that part runs, and is reported, as stock. Both sides
 count the positions the language model computes in the log-prob and training forwards (`lm_tokens_per_step_*`,
 padding included) and the shared side's count against the ideal P + G*R per group (`lm_tokens_shared_over_ideal`).
 `--generation-option KEY=VALUE` times the shared side without and with one more GRPOConfig setting instead

@@ -88,6 +88,15 @@ def test_unmerged_again_after_an_error_in_generation():
     assert (base.scores[0] - unmerged.scores[0])[torch.isfinite(base.scores[0])].abs().max() > 1e-2
 
 
+def test_an_adapter_switched_off_already_is_not_merged():
+    model, inputs = adapted("idefics3"), prompts("idefics3")
+    with model.disable_adapter():
+        base = generated(model, inputs, sample=False)
+        with merged_adapter(model):
+            inside = generated(model, inputs, sample=False)
+    torch.testing.assert_close(inside.scores[0], base.scores[0], atol=1e-5, rtol=0)
+
+
 def test_where_it_would_not_be_exact_it_says_why():
     assert why_not_merged(model_of("idefics3")) == "there is no LoRA adapter to merge"
     with_dropout = adapted("idefics3", dropout=0.1)
