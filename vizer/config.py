@@ -53,7 +53,9 @@ MODEL_SCHEMA: dict[str, tuple[tuple, Any]] = {
 LORA_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "r": ((int,), 16),
     "alpha": ((int, float), 32),
-    "dropout": (_NUM, 0.05),
+    # none by default: under GRPO, dropout makes the sampled and the trained log-probs disagree, and it keeps the
+    # prompt from being shared (model.share_prefix) and the adapter from being merged while generating
+    "dropout": (_NUM, 0.0),
     "targets": (_STR_LIST, "language"),
     "enabled": ((bool,), True),
 }
