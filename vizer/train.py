@@ -58,6 +58,7 @@ from vizer.scale import (
     check_vllm,
     hardware,
     report_to,
+    sharding,
 )
 from vizer.shared_prefix import why_not_shared_prefix
 from vizer.shared_vision import SUPPORTED_FAMILIES as SHARED_FAMILIES
@@ -255,6 +256,8 @@ def merge_path(setting: str | bool, trainer: CaptionGRPOTrainer, state: PartialS
     reason = "model.merge_for_generation is false"
     if setting is not False and trainer.use_vllm:
         reason = "vLLM generates, and TRL hands it the merged weights itself"
+    elif setting is not False and sharding() in ("fsdp", "zero3"):
+        reason = f"the weights are sharded ({sharding()}): a merge in place needs each process to hold them whole"
     elif setting is not False:
         was = trainer.model.training
         trainer.model.train()  # judged as it will generate: dropout is active only in training mode

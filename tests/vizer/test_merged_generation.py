@@ -151,3 +151,38 @@ def test_merge_true_refuses_what_would_not_be_exact_and_auto_says_why(tmp_path, 
         runner.train(load_recipe("tiny-shapes", [*dropout, "model.merge_for_generation=true"]), tmp_path / "true")
     runner.train(load_recipe("tiny-shapes", dropout), tmp_path / "auto")
     assert "generation: adapter applied unmerged at every token (LoRA dropout is active" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "launch, reason",
+    [
+        ({"ACCELERATE_USE_FSDP": "true"}, "the weights are sharded (fsdp)"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            "the weights are sharded (zero3)",
+        ),
+    ],
+)
+def test_sharded_weights_are_not_merged(monkeypatch, capsys, launch, reason):
+    """FSDP and ZeRO-3 hold a shard of each weight per process outside generation: nothing whole to add to."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    from vizer.config import RecipeError
+    from vizer.train import merge_path
+
+    for key, value in launch.items():
+        monkeypatch.setenv(key, value)
+    model = adapted("idefics3")
+    trainer = SimpleNamespace(
+        use_vllm=False, model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m), merge_for_generation=False
+    )
+    merge_path("auto", trainer, PartialState())
+    assert f"generation: adapter applied unmerged at every token ({reason}" in capsys.readouterr().out
+    assert trainer.merge_for_generation is False
+    with pytest.raises(RecipeError, match=r"'model.merge_for_generation' is true, but the weights are sharded"):
+        merge_path(True, trainer, PartialState())
+    monkeypatch.delenv(next(iter(launch)))  # a plain launch: merged
+    merge_path("auto", trainer, PartialState())
+    assert trainer.merge_for_generation is True
