@@ -327,8 +327,15 @@ def test_lm_tokens_counts_what_the_language_model_reads():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["grpo.num_iterations=2", "grpo.beta=0.04"]],
+    ids=["plain", "old-and-reference-log-probs"],  # TRL's two extra forwards: the old policy's and the base's
+)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_short_run_trains_the_same_adapter_with_and_without_the_shared_prefix(family, tmp_path, capsys, monkeypatch):
+def test_a_short_run_trains_the_same_adapter_with_and_without_the_shared_prefix(
+    family, extra, tmp_path, capsys, monkeypatch
+):
     from safetensors.torch import load_file
     from test_train import tiny_overrides
 
@@ -359,6 +366,7 @@ def test_a_short_run_trains_the_same_adapter_with_and_without_the_shared_prefix(
             "grpo.max_steps=3",
             "grpo.per_device_train_batch_size=4",  # two micro-batches per generation batch: whole groups each
             f"model.share_prefix={setting}",
+            *extra,
         ]
         runner.train(load_recipe("tiny-shapes", overrides), tmp_path / setting)
         adapters[setting] = load_file(str(tmp_path / setting / "adapter" / "adapter_model.safetensors"))
@@ -370,8 +378,9 @@ def test_a_short_run_trains_the_same_adapter_with_and_without_the_shared_prefix(
     assert "language model: each group's prompt and image read once per forward" in said
     for key, value in adapters["false"].items():
         torch.testing.assert_close(adapters["auto"][key], value, atol=1e-5, rtol=1e-4, msg=key)
-    # generation prefilled one row per group of 4 (2 images per step), in every step of the shared run only
-    assert prefilled == [(2, 8)] * 3, prefilled
+    # generation prefilled one row per group of 4 (2 images per step), in every generation of the shared run only
+    generations = 2 if "grpo.num_iterations=2" in extra else 3  # two iterations reuse one generation
+    assert prefilled == [(2, 8)] * generations, prefilled
 
 
 def test_share_prefix_true_refuses_what_would_not_be_exact_and_auto_says_why(tmp_path, capsys):
