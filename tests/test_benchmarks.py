@@ -146,9 +146,9 @@ def test_gpu_script_runs_each_recipe_row(tmp_path):
     labels = [grpo_step.label(grpo_step.parse(args)) for args in rows]
     assert labels == [
         "smolvlm256_openimages",
+        "smolvlm256_openimages_split",  # the row with a GPU target, early enough that the budget keeps it
         "qwen2vl_openimages",
         "smolvlm_openimages",
-        "smolvlm256_openimages_split",
         "smolvlm_openimages_split",
         "smolvlm256_openimages",
     ]
