@@ -8,12 +8,12 @@
 #
 # Rows (ROWS, one per line: a recipe name and extra grpo_step flags): the three real recipes at their own G,
 # images per step, per-device batch, completion length, quantization and processor options, and the two SmolVLM
-# recipes with image splitting (the 256M one second), then (last: it displaces nothing) the 256M recipe's shared side without and with
-# a static KV cache (TRL's `cache_implementation`; 1.04x on a 2-core CPU). Writes one CSV row per side as it
-# finishes (model = the result name, quant, shared, peak_gb = torch.cuda.max_memory_allocated in 2^30 bytes,
-# step_s, images_per_s, the split preprocess_s, generation_s, reward_s, forward_backward_s, other_s,
-# preprocess_calls_per_distinct_image, ...)
-# and the runs' output to <CSV>.log. A row that would pass the time budget is skipped and named in the log, so
+# recipes with image splitting (the 256M one second), then (last: it displaces nothing) the 256M recipe's shared
+# side without and with a static KV cache (TRL's `cache_implementation`; 1.04x on a 2-core CPU). Writes one CSV
+# row per side as it finishes (model = the result name, quant, shared, peak_gb =
+# torch.cuda.max_memory_allocated in 2^30 bytes, step_s, images_per_s, the split preprocess_s, generation_s,
+# reward_s, forward_backward_s, other_s, preprocess_calls_per_distinct_image, ...) and the runs' output to
+# <CSV>.log. A row that would pass the time budget is skipped and named in the log, so
 # the rows written so far always come back.
 # Knobs (environment): ROWS, STEPS (timed steps after one warm-up), BUDGET_S, DEVICE, PYTHON,
 # DRY_RUN=1 (build models and trainers, no steps: with DEVICE=cpu ROWS=smolvlm256-openimages it checks this

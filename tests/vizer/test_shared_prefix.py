@@ -328,13 +328,13 @@ def test_lm_tokens_counts_what_the_language_model_reads():
 
 
 @pytest.mark.parametrize(
-    "extra",
-    [[], ["grpo.num_iterations=2", "grpo.beta=0.04"]],
+    ("extra", "generations"),
+    [([], 3), (["grpo.num_iterations=2", "grpo.beta=0.04"], 2)],  # two iterations reuse one generation
     ids=["plain", "old-and-reference-log-probs"],  # TRL's two extra forwards: the old policy's and the base's
 )
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_short_run_trains_the_same_adapter_with_and_without_the_shared_prefix(
-    family, extra, tmp_path, capsys, monkeypatch
+    family, extra, generations, tmp_path, capsys, monkeypatch
 ):
     from safetensors.torch import load_file
     from test_train import tiny_overrides
@@ -379,7 +379,6 @@ def test_a_short_run_trains_the_same_adapter_with_and_without_the_shared_prefix(
     for key, value in adapters["false"].items():
         torch.testing.assert_close(adapters["auto"][key], value, atol=1e-5, rtol=1e-4, msg=key)
     # generation prefilled one row per group of 4 (2 images per step), in every generation of the shared run only
-    generations = 2 if "grpo.num_iterations=2" in extra else 3  # two iterations reuse one generation
     assert prefilled == [(2, 8)] * generations, prefilled
 
 
