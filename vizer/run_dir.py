@@ -6,6 +6,8 @@
 - A rerun may change only what does not change the run (steps, logging, saving, eval): any other difference
   from OUT/recipe.yaml is refused before anything in OUT is touched.
 - metrics.jsonl never holds a step twice and survives a torn last line.
+- A rerun of a finished run (newest complete checkpoint at the last step, the adapter saved from it) changes
+  nothing: transformers would otherwise train one step past max_steps (it checks only after a step).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -169,6 +172,64 @@ def last_complete_checkpoint(out_dir: Path, set_aside: bool = True) -> Path | No
             checkpoint.rename(aside)
             print(f"set aside {checkpoint} ({why}: an interrupted save) as {aside.name}")
     return None
+
+
+# ---------------------------------------------------------------------------------------------- finished runs
+# What a checkpoint holds beyond the saved model (the adapter folder is the checkpoint without them).
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    names = [p.name for p in weight_files(a)]
+    return (
+        bool(names)
+        and names == [p.name for p in weight_files(b)]
+        and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    )
+
+
+def _last_step(out_dir: Path, section: str, settings: dict) -> int | None:
+    """The step the run ends at: max_steps, or for an epoch-based run the step count its newest checkpoint
+    recorded, when the saved recipe trains the same epochs (None when that cannot be known)."""
+    if settings.get("max_steps", -1) > 0:
+        return settings["max_steps"]
+    try:
+        saved = (yaml.safe_load((out_dir / "recipe.yaml").read_text()) or {}).get(section) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    same = all(saved.get(k) == settings.get(k) for k in ("max_steps", "num_train_epochs"))
+    return -1 if same else None  # -1: the checkpoint's own max_steps
+
+
+def finished_step(out_dir: Path, section: str, settings: dict, is_main: bool = True) -> int | None:
+    """The step at which the run in OUT finished, or None when a rerun has training left to do. Finished: the
+    newest complete checkpoint is at the last step (`settings`: the recipe's grpo:/vizer: section). An adapter
+    missing or older than that checkpoint (a kill between the two saves) is written from the checkpoint."""
+    if not out_dir.is_dir():
+        return None
+    checkpoint = last_complete_checkpoint(out_dir, set_aside=False)
+    last = _last_step(out_dir, section, settings)
+    if checkpoint is None or last is None:
+        return None
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    step = state.get("global_step", 0)
+    if step < (state.get("max_steps", 0) if last == -1 else last):
+        return None
+    adapter = out_dir / "adapter"
+    if is_main and not (adapter.is_dir() and _same_weights(adapter, checkpoint)):
+        _adapter_from(checkpoint, adapter)
+        print(f"{adapter}: written from {checkpoint.name} (the run ended before saving it)")
+    return step
+
+
+def _adapter_from(checkpoint: Path, adapter: Path) -> None:
+    """The model part of a checkpoint as OUT/adapter, swapped in whole (a kill leaves the old one or the new)."""
+    partial = adapter.with_name(adapter.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(checkpoint, partial, ignore=lambda _, names: [n for n in names if n.startswith(TRAINER_FILES)])
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    partial.rename(adapter)
 
 
 # ---------------------------------------------------------------------------------------------- recipe

@@ -4,7 +4,7 @@ OUT/ holds adapter/ (PEFT adapter), recipe.yaml (resolved recipe), metrics.jsonl
 object per logging step), completions/ (GRPO: TRL's sampled captions with their rewards, parquet),
 mapper/ (when the recipe uses ViZer's mapper), canary.jsonl (the canary set's captions, `vizer.canary`),
 tensorboard/ and checkpoint-N/ folders.
-Re-running into the same OUT resumes.
+Re-running into the same OUT resumes; re-running a finished run changes nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from vizer.records import read_records
 from vizer.run_dir import (
     check_rerun,
     checkpoint_step,
+    finished_step,
     last_complete_checkpoint,
     locked,
     record_changes,
@@ -331,6 +332,11 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     with state.main_process_first():  # the main process checks and trims OUT before anyone reads it
         if state.is_main_process:
             allowed = check_rerun(recipe, out_dir)  # before anything in OUT changes
+        section = recipe["objective"]  # its section holds the steps: grpo: or vizer:
+        finished = finished_step(out_dir, section, recipe[section], state.is_main_process)
+        if finished is not None:  # resuming would train one step past the end
+            state.print(f"{out_dir}: already finished at step {finished}; nothing to do (raise max_steps to go on)")
+            return out_dir / "adapter"
         skipped: list[str] = []  # filled as the data is read (for a stream, as training reaches it)
         train_dataset = build_dataset(recipe["data"], recipe["prompt"], skipped=skipped)
         check_one_step(train_dataset, args, recipe["objective"])

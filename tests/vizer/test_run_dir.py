@@ -85,10 +85,21 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path):
         sleeper.wait()
 
 
-def test_a_changed_recipe_is_refused_before_touching_out_and_allowed_changes_are_recorded(tmp_path):
+def snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file in OUT with its modification time and content."""
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_changed_recipe_is_refused_before_touching_out_and_allowed_changes_are_recorded(tmp_path, capsys):
     out = tmp_path / "run"
     runner.train(recipe("grpo.max_steps=2"), out)
     before = (out / "recipe.yaml").read_text()
+
+    finished = snapshot(out)
+    capsys.readouterr()
+    runner.train(recipe("grpo.max_steps=2"), out)  # the same command again: transformers would train step 3
+    assert f"{out}: already finished at step 2; nothing to do" in capsys.readouterr().out
+    assert snapshot(out) == finished, "a rerun of a finished run changes nothing in OUT"
     with pytest.raises(RecipeError, match=r"differs in grpo\.learning_rate, model\.lora\.r\); resume it unchanged"):
         runner.train(recipe("grpo.max_steps=4", "model.lora.r=4", "grpo.learning_rate=0.01"), out)
     assert (out / "recipe.yaml").read_text() == before
@@ -98,6 +109,28 @@ def test_a_changed_recipe_is_refused_before_touching_out_and_allowed_changes_are
     assert change["changed"] == {"grpo.max_steps": [2, 4]}
     assert yaml.safe_load((out / "recipe.yaml").read_text())["grpo"]["max_steps"] == 4
     assert steps(out) == [1, 2, 3, 4]
+
+    # killed between the last checkpoint and the adapter's save: the adapter comes from the checkpoint
+    (out / "adapter" / "adapter_model.safetensors").unlink()
+    runner.train(recipe("grpo.max_steps=4"), out)
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert adapter == (out / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
+    assert steps(out) == [1, 2, 3, 4] and not (out / "checkpoint-5").exists()
+
+
+def test_an_epoch_based_run_is_finished_at_the_steps_its_checkpoint_recorded(tmp_path):
+    from vizer.run_dir import finished_step
+
+    out, checkpoint = tmp_path / "run", tmp_path / "run" / "checkpoint-6"
+    for folder in (checkpoint, out / "adapter"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 6, "max_steps": 6}))
+    (out / "recipe.yaml").write_text(yaml.safe_dump({"grpo": {"num_train_epochs": 2}}))
+    assert finished_step(out, "grpo", {"num_train_epochs": 2}) == 6
+    assert finished_step(out, "grpo", {"num_train_epochs": 3}) is None, "more epochs: a resume"
+    assert finished_step(out, "grpo", {"max_steps": 7}) is None
+    assert finished_step(out, "grpo", {"max_steps": 6}) == 6
 
 
 class SignalAtStep2(runner.MetricsJsonl):
