@@ -19,6 +19,7 @@ from trl.rewards import get_repetition_penalty_reward
 
 from .common import Reward, prompt_text
 from .phrases import STOPWORDS, phrases, words
+from .registry import checks_options
 
 TEMPLATE_LEFTOVERS = re.compile(
     r"<\|[^|<>]{1,40}\|>"  # <|im_end|>, <|endoftext|>, <|eot_id|>, <|vision_start|> ...
@@ -57,13 +58,25 @@ def repeated_phrases(text: str, stopwords: frozenset[str] = STOPWORDS) -> int:
     return repeats
 
 
+def check_length(min_words: int = 4, max_words: int = 40, **_: Any) -> None:
+    if not 0 < min_words <= max_words:
+        raise ValueError(f"options need 0 < min_words <= max_words, got min_words {min_words}, max_words {max_words}")
+
+
+def check_repetition(ngram: int = 3, phrase_penalty: float = 1.0, max_penalty: float = 3.0, **_: Any) -> None:
+    if ngram < 1 or phrase_penalty < 0 or max_penalty <= 0:
+        raise ValueError(
+            f"options need ngram >= 1, phrase_penalty >= 0 and max_penalty > 0, got ngram {ngram}, "
+            f"phrase_penalty {phrase_penalty}, max_penalty {max_penalty}"
+        )
+
+
 class LengthReward(Reward):
     __name__ = "length"
     floor = -1.0
 
     def __init__(self, min_words: int = 4, max_words: int = 40) -> None:
-        if not 0 < min_words <= max_words:
-            raise ValueError(f"length: need 0 < min_words <= max_words, got {min_words}, {max_words}")
+        check_length(min_words, max_words)
         self.min_words, self.max_words = min_words, max_words
 
     def score(self, texts: list[str | None], **kwargs: Any) -> list[float]:
@@ -90,11 +103,7 @@ class RepetitionReward(Reward):
         stopwords: frozenset[str] = STOPWORDS,
         max_penalty: float = 3.0,
     ) -> None:
-        if ngram < 1 or phrase_penalty < 0 or max_penalty <= 0:
-            raise ValueError(
-                f"repetition: need ngram >= 1, phrase_penalty >= 0 and max_penalty > 0, "
-                f"got {ngram}, {phrase_penalty}, {max_penalty}"
-            )
+        check_repetition(ngram, phrase_penalty, max_penalty)
         self.ngram_penalty = get_repetition_penalty_reward(ngram_size=ngram, max_penalty=-1.0)
         self.phrase_penalty, self.stopwords = float(phrase_penalty), stopwords
         # Bounded like every other plugin: one degenerate sample ("a red square" x 20) must not stretch its
@@ -157,6 +166,7 @@ class DegenerateReward(Reward):
         return out
 
 
+@checks_options(check_length)
 def length(min_words: int = 4, max_words: int = 40) -> LengthReward:
     """0 inside the window; outside, minus the relative distance to it: -(min_words - n) / min_words below,
     -(n - max_words) / max_words above (at most -1).
@@ -168,6 +178,7 @@ def length(min_words: int = 4, max_words: int = 40) -> LengthReward:
     return LengthReward(min_words, max_words)
 
 
+@checks_options(check_repetition)
 def repetition(
     ngram: int = 3, phrase_penalty: float = 1.0, extra_stopwords: list[str] | None = None, max_penalty: float = 3.0
 ) -> RepetitionReward:

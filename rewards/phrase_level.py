@@ -27,6 +27,29 @@ from .common import Reward, call_images, group_ids, torch_device
 from .consistency import encode_sentences
 from .grounding import GroundingReward, grounding
 from .phrases import object_phrases
+from .registry import checks_options
+
+
+def check_phrase_grounding(margin: float = 0.5, mode: str = "penalty", max_phrases: int = 12, **_: Any) -> None:
+    if not 0.0 <= margin <= 1.0:
+        raise ValueError(f"option 'margin' must be within [0, 1], got {margin}")
+    if mode not in ("penalty", "sum"):
+        raise ValueError(f"option 'mode' must be penalty or sum, got {mode!r}")
+    if max_phrases < 1:
+        raise ValueError(f"option 'max_phrases' must be at least 1, got {max_phrases}")
+
+
+def check_phrase_agreement(
+    threshold: float = 0.8, tau: float = 0.5, mode: str = "penalty", repeat_penalty: float = 1.0, **_: Any
+) -> None:
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"option 'threshold' is a cosine, within [-1, 1], got {threshold}")
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"option 'tau' is a share of the other captions, within [0, 1], got {tau}")
+    if mode not in ("penalty", "sum", "f1"):
+        raise ValueError(f"option 'mode' must be penalty, sum or f1, got {mode!r}")
+    if repeat_penalty < 0:
+        raise ValueError(f"option 'repeat_penalty' must be >= 0, got {repeat_penalty}")
 
 
 class PhraseGroundingReward(Reward):
@@ -36,10 +59,7 @@ class PhraseGroundingReward(Reward):
     def __init__(
         self, scorer: GroundingReward, *, margin: float = 0.5, mode: str = "penalty", max_phrases: int = 12
     ) -> None:
-        if not 0.0 <= margin <= 1.0:
-            raise ValueError(f"phrase_grounding: margin must be within [0, 1], got {margin}")
-        if mode not in ("penalty", "sum"):
-            raise ValueError(f"phrase_grounding: unknown mode {mode!r}; expected penalty or sum")
+        check_phrase_grounding(margin, mode, max_phrases)
         self.scorer, self.margin, self.mode, self.max_phrases = scorer, float(margin), mode, int(max_phrases)
         self.scale: float | None = None  # the typical contribution of a phrase, carried across calls
 
@@ -98,6 +118,7 @@ class PhraseGroundingReward(Reward):
         return scores
 
 
+@checks_options(check_phrase_grounding)
 def phrase_grounding(
     model: str = "openai/clip-vit-base-patch32",
     margin: float = 0.5,
@@ -146,8 +167,7 @@ class PhraseAgreementReward(Reward):
         group_column: str = "image_id",
         batch_size: int = 64,
     ) -> None:
-        if mode not in ("penalty", "sum", "f1"):
-            raise ValueError(f"phrase_agreement: unknown mode {mode!r}; expected penalty, sum or f1")
+        check_phrase_agreement(threshold, tau, mode, repeat_penalty)
         self.encoder = encoder.eval() if hasattr(encoder, "eval") else encoder
         self.threshold, self.tau, self.mode = float(threshold), float(tau), mode
         self.repeat_penalty, self.group_column, self.batch_size = float(repeat_penalty), group_column, int(batch_size)
@@ -217,6 +237,7 @@ class PhraseAgreementReward(Reward):
         return scores
 
 
+@checks_options(check_phrase_agreement)
 def phrase_agreement(
     model: str = "sentence-transformers/all-MiniLM-L6-v2",
     threshold: float = 0.8,

@@ -40,6 +40,18 @@ class RewardConfigError(ConfigError):
     """A reward entry that cannot be built; the message is one line naming the entry and the key."""
 
 
+def checks_options(check: Callable[..., None]) -> Callable[[Callable], Callable]:
+    """Mark a factory with `check`, called with the factory's arguments (the entry's options over the
+    defaults) when a recipe is checked, before any model loads; it raises ValueError naming the option. The
+    factory (or its reward) should call the same check, so the two never disagree."""
+
+    def mark(factory: Callable) -> Callable:
+        factory.check_options = check
+        return factory
+
+    return mark
+
+
 def _closest(word: str, choices: typing.Iterable[str]) -> str:
     """'(did you mean 'x'?); valid: a, b' after a message about `word`."""
     choices = list(choices)
@@ -163,6 +175,20 @@ def validate_reward_entry(entry: dict, index: int | None) -> None:
     ]
     if missing:
         raise RewardConfigError(f"{where}: missing required option '{missing[0]}'")
+    _check_values(factory, {k: v for k, v in entry.items() if k in accepted}, where)
+
+
+def _check_values(factory: Callable, options: dict, where: str) -> None:
+    """The factory's own check of its option values (`checks_options`), without building anything."""
+    check = getattr(factory, "check_options", None)
+    if check is None:
+        return
+    bound = inspect.signature(factory).bind_partial(**options)
+    bound.apply_defaults()
+    try:
+        check(**bound.arguments)
+    except (ValueError, TypeError) as e:
+        raise RewardConfigError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def reward_name(entry: dict) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib
 import reprlib
 import typing
@@ -194,6 +195,29 @@ TRAINER_BOUNDS: dict[str, tuple[float, bool]] = {
 }
 
 
+# GRPOConfig fields with a fixed set of values that trl 1.16 checks only after the model loads (in the trainer's
+# constructor, or at the first step): the values its GRPOTrainer compares them with. tests/vizer/test_config.py
+# checks each against the field's own help text.
+GRPO_CHOICES: dict[str, tuple] = {
+    "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+    "scale_rewards": ("group", "batch", "none", True, False),  # GRPOConfig maps true/false to group/none
+    "loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+    "importance_sampling_level": ("token", "sequence"),
+    "vllm_mode": ("server", "colocate"),
+    "vllm_model_impl": ("transformers", "vllm"),
+    "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+}
+
+
+def _trainer_choices(key: str) -> tuple | None:
+    """The values a trainer field accepts, where the trainer checks them only once training runs."""
+    if key == "cache_implementation":  # transformers' GenerationConfig checks it at the first generate
+        from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
+
+        return (*ALL_CACHE_IMPLEMENTATIONS, "paged")
+    return GRPO_CHOICES.get(key)
+
+
 MAX_COUNT = 2**31 - 1
 
 
@@ -258,16 +282,19 @@ def _check_section(section: dict, schema: dict, where: str) -> dict:
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
             raise RecipeError(f"'{where}{key}' expects {_type_name(types)}, got {short(value)}")
-        choices = CHOICES.get(where + key)
-        # `1 in (True, False)` holds in Python: a bool choice matches only a bool
-        if choices and not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices):
-            names = [_choice(c) for c in choices]
-            raise RecipeError(
-                f"'{where}{key}' must be one of {', '.join(names)}, got {short(value)}{closest(_choice(value), names)}"
-            )
+        _check_choice(where + key, value, CHOICES.get(where + key))
         _check_bounds(where + key, value, BOUNDS.get(where + key))
         out[key] = value
     return out
+
+
+def _check_choice(key: str, value: Any, choices: tuple | None) -> None:
+    # `1 in (True, False)` holds in Python: a bool choice matches only a bool
+    if choices and not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices):
+        names = [_choice(c) for c in choices]
+        raise RecipeError(
+            f"'{key}' must be one of {', '.join(names)}, got {short(value)}{closest(_choice(value), names)}"
+        )
 
 
 def _maybe_float(value: str, key: str) -> float | str:
@@ -280,6 +307,19 @@ def _maybe_float(value: str, key: str) -> float | str:
 
 def _config_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation this Python cannot resolve: no type checks from annotations
+        return {}
+
+
+def _field_type(cls: type, key: str) -> Any:
+    """A config field's annotation, resolved (None when it cannot be)."""
+    return _type_hints(cls).get(key)
 
 
 # transformers 5 renamed gradient checkpointing (the old names go in v6): a recipe may use either spelling, and
@@ -325,6 +365,10 @@ def _check_fields(section: dict, cls: type, where: str, own: dict | None = None)
                 f"unknown key '{where}.{key}'{closest(key, [*fields, *own])} (not a {cls.__module__.split('.')[0]}."
                 f"{cls.__name__} field)"
             )
+        if _trainer_choices(key) is not None and value is not None:
+            _check_choice(f"{where}.{key}", value, _trainer_choices(key))
+        elif _field_type(cls, key) is str and not isinstance(value, str):  # e.g. log_level: 3
+            raise RecipeError(f"'{where}.{key}' expects a string, got {short(value)}")
         default = fields[key].default
         if key in ("activation_checkpointing", "gradient_checkpointing"):
             default = False  # `bool | None` in transformers 5 (None: unset), a switch in the recipe
@@ -343,6 +387,37 @@ def _check_fields(section: dict, cls: type, where: str, own: dict | None = None)
             raise RecipeError(f"'{where}.max_steps' must be positive (or -1: train num_train_epochs), got {value}")
         out[key] = value
     return out
+
+
+def check_exact_paths(model: dict) -> None:
+    """A fast path set to true that the recipe alone shows cannot be exact: refused here, not after the model
+    loads (vizer.train says the same of what only the loaded model shows)."""
+    lora = model["lora"]
+    dropout = lora["enabled"] and lora["dropout"] > 0
+    if model["share_prefix"] is True and dropout:
+        raise RecipeError(
+            f"'model.share_prefix' is true, but model.lora.dropout is {lora['dropout']}: a group would share one "
+            "dropout draw over its prompt and image; set the dropout to 0, or share_prefix to auto or false"
+        )
+    if model["share_prefix"] is True and "flash" in str(model["attn_implementation"]):
+        raise RecipeError(
+            f"'model.share_prefix' is true, but model.attn_implementation {model['attn_implementation']} cannot take "
+            "the custom 4D attention mask the packed rows need; use sdpa or eager, or set share_prefix to auto"
+        )
+    merge = model["merge_for_generation"] is True
+    why = (
+        "there is no LoRA adapter to merge (model.lora.enabled is false)"
+        if not lora["enabled"]
+        else f"model.lora.dropout is {lora['dropout']}: a merged layer has no dropout on the adapter's input"
+        if dropout
+        else f"model.quantization is {model['quantization']}: only float32 weights take the delta exactly"
+        if model["quantization"] != "none"
+        else f"model.dtype is {model['dtype']}: a small delta would round away (float32 only)"
+        if model["dtype"] in ("bfloat16", "float16")
+        else None
+    )
+    if merge and why:
+        raise RecipeError(f"'model.merge_for_generation' is true, but {why}; set it to auto or false")
 
 
 def check_data(data: dict, where: str = "data.") -> dict:
@@ -428,6 +503,7 @@ def validate(raw: dict) -> dict:
     recipe["model"] = _check_section(recipe["model"], MODEL_SCHEMA, "model.")
     recipe["model"]["lora"] = _check_section(recipe["model"]["lora"], LORA_SCHEMA, "model.lora.")
     check_model_id(recipe["model"]["id"], "model.id")
+    check_exact_paths(recipe["model"])
     recipe["data"] = check_data(recipe["data"], "data.")
     if recipe["eval_data"] is not None:
         recipe["eval_data"] = check_data(recipe["eval_data"], "eval_data.")

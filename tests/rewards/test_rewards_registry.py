@@ -23,6 +23,13 @@ from rewards import BUILTINS, RewardConfigError, build_reward, reward_name, vali
         ({"weight": 1.0}, "missing 'name'"),
         ({"name": "no_such_pkg.mod:factory"}, "cannot import module 'no_such_pkg.mod'"),
         ({"name": "rewards.guards:lenght"}, "did you mean 'length'"),
+        # option values each plugin rejects when built, checked without loading its model
+        ({"name": "phrase_grounding", "margin": 2}, "option 'margin' must be within [0, 1], got 2"),
+        ({"name": "phrase_agreement", "tau": 1.5}, "option 'tau' is a share of the other captions"),
+        ({"name": "phrase_agreement", "threshold": -2}, "option 'threshold' is a cosine"),
+        ({"name": "length", "min_words": 10, "max_words": 5}, "got min_words 10, max_words 5"),
+        ({"name": "length", "min_words": 50}, "got min_words 50, max_words 40"),  # against the default
+        ({"name": "repetition", "ngram": 0}, "options need ngram >= 1"),
     ],
 )
 def test_invalid_entries_fail_with_one_line_naming_the_key(entry, expected):
@@ -43,6 +50,16 @@ def test_valid_entries_pass_without_loading_models():
         {"name": "degenerate", "weight": 1, "id": "degenerate_strict", "penalty": 2},
     ):
         validate_reward_entry(entry, 0)
+
+
+def test_a_plugin_checks_its_option_values_as_it_would_when_built():
+    from rewards.guards import LengthReward
+    from rewards.phrase_level import PhraseGroundingReward
+
+    with pytest.raises(ValueError, match="option 'margin' must be within"):  # the reward itself: the same check
+        PhraseGroundingReward(object(), margin=2)
+    with pytest.raises(ValueError, match="min_words 10, max_words 5"):
+        LengthReward(10, 5)
 
 
 def test_builtin_factories_document_every_option():

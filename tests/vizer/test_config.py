@@ -99,6 +99,11 @@ def test_override_on_a_missing_list_index():
         ["check", "tiny-shapes", "--processes", "3"],  # 2 images per step cannot split over 3 GPUs
         ["check", "tiny-shapes", "plugins=[no_such_plugin]"],
         ["check", "tiny-shapes", "data.source=shape"],
+        # what train refused only after loading the model, or at its first step
+        ["check", "tiny-shapes", "model.share_prefix=true", "model.lora.dropout=0.05"],
+        ["check", "tiny-shapes", "grpo.multi_objective_aggregation=sum"],
+        ["train", "tiny-shapes", "grpo.multi_objective_aggregation=sum"],
+        ["check", "tiny-shapes", "rewards.0={name: phrase_grounding, model: 'tiny:clip', margin: 2}"],
     ],
 )
 def test_cli_exits_2_with_one_line_and_no_traceback(args):
@@ -189,6 +194,46 @@ def test_a_value_outside_the_choices_is_one_line_listing_them(key):
         load_recipe("tiny-shapes", [f"{key}=maybe"])
     if key == "model.share_vision":
         assert "auto, true, false" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "grpo.multi_objective_aggregation=sum",
+            "'grpo.multi_objective_aggregation' must be one of sum_then_normalize",
+        ),
+        ("grpo.multi_objective_aggregation=3", "'grpo.multi_objective_aggregation' must be one of"),
+        ("grpo.loss_type=ppo", "'grpo.loss_type' must be one of grpo, dr_grpo"),
+        ("grpo.scale_rewards=std", "'grpo.scale_rewards' must be one of group, batch, none, true, false"),
+        ("grpo.importance_sampling_level=[token]", "'grpo.importance_sampling_level' must be one of token"),
+        ("grpo.cache_implementation=fast", "'grpo.cache_implementation' must be one of"),
+        ("grpo.log_level=3", "'grpo.log_level' expects a string, got 3"),
+        ("model.share_prefix=true", "'model.share_prefix' is true, but model.lora.dropout is 0.05"),
+        ("model.merge_for_generation=true", "'model.merge_for_generation' is true, but model.lora.dropout is 0.05"),
+    ],
+)
+def test_what_training_would_refuse_after_loading_the_model_check_refuses(override, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe("tiny-shapes", ["model.lora.dropout=0.05", override])
+    assert str(err.value).startswith(expected)
+
+
+def test_trainer_choices_are_the_values_trl_names():
+    # Fails when the runner's list of a field's values drifts from the values TRL's help for the field names.
+    import dataclasses
+    import re
+
+    from trl import GRPOConfig
+
+    from vizer.config import GRPO_CHOICES
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(GRPOConfig)}
+    for key, choices in GRPO_CHOICES.items():
+        named = set(re.findall(r"[`']([a-z_]+)[`']", helps[key]))
+        assert {c for c in choices if not isinstance(c, bool)} <= named, key
+    settings = ["grpo.scale_rewards=false", "grpo.multi_objective_aggregation=normalize_then_sum"]
+    assert load_recipe("tiny-shapes", settings)["grpo"]["scale_rewards"] is False
 
 
 def test_all_zero_reward_weights_and_impossible_batches_are_refused():
