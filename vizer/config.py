@@ -514,6 +514,11 @@ def validate(raw: dict) -> dict:
     recipe["vizer"] = _check_fields(recipe["vizer"], TrainingArguments, "vizer", own=VIZER_SCHEMA)
     recipe["eval"] = _check_section(recipe["eval"], EVAL_SCHEMA, "eval.")
     recipe["monitor"] = check_monitor(recipe["monitor"])
+    if recipe["monitor"]["stop_on"] and recipe["objective"] == "vizer":  # accepted and never fired otherwise
+        raise RecipeError(
+            f"'monitor.stop_on' ({', '.join(map(str, recipe['monitor']['stop_on']))}) has nothing to watch under "
+            "objective vizer: it logs no caption health (health/*) and no reward; remove it"
+        )
     if "canary" in recipe["monitor"]["stop_on"] and not (recipe["eval_data"] and recipe["monitor"]["canary"]):
         raise RecipeError(
             "'monitor.stop_on' names canary, but there is no canary set (no eval_data, or monitor.canary 0)"

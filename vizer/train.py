@@ -366,6 +366,11 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     # a resumed run's monitor starts from the health its metrics.jsonl (trimmed to the checkpoint) recorded
     history = [r for _, r in read_records(out_dir / "metrics.jsonl")[0]] if resume else []
     monitor = Monitor(recipe["monitor"], history, say=state.print)
+    if recipe["objective"] == "vizer":
+        state.print(
+            "monitor: objective vizer logs no caption health and no reward, so no health or canary warning can "
+            "fire (the canary captions are still written)"
+        )
     callbacks = [MetricsJsonl(out_dir / "metrics.jsonl"), stop, monitor]
     canary_items = canary_images(recipe)
     canary = None

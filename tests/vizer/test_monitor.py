@@ -264,3 +264,11 @@ def test_stop_on_canary_needs_a_canary_set(capsys):
     err = capsys.readouterr().err.strip()
     assert "'monitor.stop_on' names canary, but there is no canary set" in err and "\n" not in err, err
     assert main(["check", "tiny-shapes", "monitor.stop_on=[canary]"]) == 0
+
+
+@pytest.mark.parametrize("signal", ["length", "repetition", "canary"])
+def test_stop_on_under_objective_vizer_is_refused_not_ignored(signal, capsys):
+    # objective vizer logs no health/* and no reward: a stop_on signal there could never fire
+    assert main(["check", "shapes-vizer-g", f"monitor.stop_on=[{signal}]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"'monitor.stop_on' ({signal}) has nothing to watch under objective vizer" in err and "\n" not in err
