@@ -4,7 +4,8 @@ The first `monitor.canary` images of the recipe's `eval_data` are captioned as `
 (greedy, `eval.max_new_tokens`) with the adapter being trained, at step 0 and every `monitor.every` steps, and
 scored with the eval's CLIP-S scorer and judge. The means go into the trainer's logs (`canary/clip_s`,
 `canary/clip_s_judge`: metrics.jsonl, TensorBoard); the captions, one line per measurement, into
-OUT/canary.jsonl: {"step": N, "images": [{"image_id", "caption", "clip_s", "clip_s_judge"}, ...]}, and as a page,
+OUT/canary.jsonl: {"step": N, "images": [{"image_id", "caption", "clip_s", "clip_s_judge"}, ...], "settings": {...}}
+(`settings`: pictures, prompt, caption length and scorers, which a rerun may not change), and as a page,
 OUT/canary.html: each picture in a row, its caption at each canary step across.
 """
 
@@ -26,6 +27,7 @@ from vizer.families import Family
 from vizer.gallery import render_canary_page, thumbnail_data_uri
 from vizer.metrics import clip_scores
 from vizer.models import LoadedModel, keep_4bit_layout
+from vizer.run_dir import canary_settings
 
 PREFIX = "canary/"
 
@@ -68,6 +70,7 @@ class Canary(TrainerCallback):
     ) -> None:
         self.items, self.family, self.path = items, family, path
         self.every, self.prompt = recipe["monitor"]["every"], recipe["prompt"]
+        self.settings = canary_settings(recipe)  # recorded with each measurement: a rerun may not change them
         # greedy, as `make eval` decodes by default: one caption per image, the same for the same weights
         self.decoding = Decoding(
             max_new_tokens=recipe["eval"]["max_new_tokens"], batch_size=recipe["eval"]["batch_size"]
@@ -114,7 +117,7 @@ class Canary(TrainerCallback):
             before = first.get(key, {})
             changes = [r[key] - before[r["image_id"]] for r in rows if r["image_id"] in before]
             logs[f"{PREFIX}{key}_se"] = paired_standard_error(changes)
-        history.append({"step": step, "images": rows})
+        history.append({"step": step, "images": rows, "settings": self.settings})
         if PartialState().is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps(history[-1]) + "\n")

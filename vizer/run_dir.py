@@ -283,7 +283,42 @@ def check_rerun(recipe: dict, out_dir: Path) -> list[str]:
             f"OUT {out_dir} holds a run of another recipe (differs in {shown}); resume it unchanged, or train "
             "into a new OUT"
         )
+    _check_canary(out_dir, saved or {}, recipe)
     return allowed
+
+
+def canary_settings(recipe: dict) -> dict | None:
+    """What the canary's scores depend on beside the weights (None without a canary): its pictures, prompt,
+    caption length and scorers. Recorded in each canary.jsonl line; a rerun may not change it."""
+    count, data = (recipe.get("monitor") or {}).get("canary"), recipe.get("eval_data")
+    if not count or not data:
+        return None
+    evaluation = recipe.get("eval") or {}
+    return {
+        "eval_data": {k: v for k, v in data.items() if k != "limit"},
+        "pictures": min(count, data["limit"]) if data.get("limit") else count,
+        "prompt": recipe.get("prompt"),
+        **{f"eval.{k}": evaluation.get(k) for k in ("scorer", "judge", "max_new_tokens")},
+    }
+
+
+def _check_canary(out_dir: Path, saved: dict, recipe: dict) -> None:
+    """A canary compares each measurement with its step 0: refuse a rerun that would measure it otherwise."""
+    new = canary_settings(recipe)
+    path = out_dir / "canary.jsonl"
+    if new is None or not path.is_file():
+        return
+    first = next(iter(read_records(path)[0]), None)
+    if first is None:
+        return
+    old = first[1].get("settings") or canary_settings(saved)  # lines of older runs carry none: the saved recipe's
+    changed = sorted(k for k in new if old is not None and old.get(k) != new[k])
+    if changed:
+        raise RecipeError(
+            f"OUT {out_dir} holds a canary measured since step {first[1].get('step', 0)} with other "
+            f"{', '.join(changed)}: its scores would be compared with those; keep them, set monitor.canary=0 to "
+            "go on without the canary, or train into a new OUT"
+        )
 
 
 def record_changes(out_dir: Path, allowed: list[str], saved: dict, new: dict) -> None:

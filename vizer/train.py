@@ -328,6 +328,16 @@ def tensorboard_dir(out_dir: Path):
         os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
 
 
+def announce_canary(found: int, monitor: dict, state: PartialState) -> None:
+    """How many canary pictures, at which steps; fewer than asked (a small eval set) said, not hidden."""
+    short = (
+        f" (monitor.canary asks for {monitor['canary']}; eval_data has only {found})"
+        if found < monitor["canary"]
+        else ""
+    )
+    state.print(f"canary: {found} eval_data pictures{short}, captioned at step 0 and every {monitor['every']} steps")
+
+
 def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     with state.main_process_first():  # the main process checks and trims OUT before anyone reads it
         if state.is_main_process:
@@ -375,6 +385,7 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
     canary_items = canary_images(recipe)
     canary = None
     if canary_items:
+        announce_canary(len(canary_items), recipe["monitor"], state)
         canary = Canary(canary_items, recipe, loaded.family, out_dir / "canary.jsonl", str(state.device))
         callbacks.append(canary)
     if recipe["objective"] == "vizer":

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import read_metrics, tiny_overrides  # noqa: E402
@@ -14,7 +15,7 @@ from test_train import read_metrics, tiny_overrides  # noqa: E402
 import vizer.grpo  # noqa: E402
 from vizer.canary import paired_standard_error  # noqa: E402
 from vizer.cli import main  # noqa: E402
-from vizer.config import load_recipe  # noqa: E402
+from vizer.config import RecipeError, load_recipe  # noqa: E402
 from vizer.monitor import HealthWatch, Monitor  # noqa: E402
 from vizer.train import train  # noqa: E402
 
@@ -212,9 +213,11 @@ def canary_run(tmp_path, monkeypatch, *overrides):
     return read_metrics(tmp_path)
 
 
-def test_the_canary_captions_the_same_eval_images_at_step_0_and_every_n_steps(tmp_path, monkeypatch):
+def test_the_canary_captions_the_same_eval_images_at_step_0_and_every_n_steps(tmp_path, monkeypatch, capsys):
     metrics = canary_run(tmp_path, monkeypatch, "monitor.canary=2", "monitor.every=2", "eval.judge=tiny:siglip")
+    assert "canary: 2 eval_data pictures, captioned at step 0 and every 2 steps" in capsys.readouterr().out
     lines = [json.loads(line) for line in (tmp_path / "canary.jsonl").read_text().splitlines()]
+    assert lines[0]["settings"]["eval.judge"] == "tiny:siglip", "what the scores depend on, for a rerun to compare"
     assert [line["step"] for line in lines] == [0, 2]
     assert [[im["image_id"] for im in line["images"]] for line in lines] == [
         ["shapes/validation/0", "shapes/validation/1"]
@@ -272,3 +275,52 @@ def test_stop_on_under_objective_vizer_is_refused_not_ignored(signal, capsys):
     assert main(["check", "shapes-vizer-g", f"monitor.stop_on=[{signal}]"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"'monitor.stop_on' ({signal}) has nothing to watch under objective vizer" in err and "\n" not in err
+
+
+def test_a_canary_larger_than_the_eval_set_says_how_many_it_measures(capsys):
+    from vizer.canary import canary_images
+    from vizer.train import announce_canary
+
+    recipe = load_recipe("tiny-shapes", ["monitor.canary=20", "eval_data.limit=3", "monitor.every=5"])
+    items = canary_images(recipe)
+    assert len(items) == 3
+    announce_canary(len(items), recipe["monitor"], PartialState())
+    said = capsys.readouterr().out
+    assert (
+        "canary: 3 eval_data pictures (monitor.canary asks for 20; eval_data has only 3), captioned at step 0" in said
+    )
+
+
+def canary_out(tmp_path, recipe: dict, with_settings: bool = True) -> None:
+    """An OUT whose run has a checkpoint and a canary measured at step 0 under `recipe`."""
+    from vizer.config import dump_recipe
+    from vizer.run_dir import canary_settings
+
+    (tmp_path / "checkpoint-2").mkdir()
+    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    line = {"step": 0, "images": [{"image_id": "a", "caption": "x", "clip_s": 0.5}]}
+    if with_settings:
+        line["settings"] = canary_settings(recipe)
+    (tmp_path / "canary.jsonl").write_text(json.dumps(line) + "\n")
+
+
+@pytest.mark.parametrize("with_settings", [True, False])  # False: a canary.jsonl written before the settings were
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("eval.scorer=tiny:siglip", "eval.scorer"),
+        ("eval.judge=tiny:siglip", "eval.judge"),
+        ("eval_data.seed=3", "eval_data"),
+        ("monitor.canary=1", "pictures"),
+    ],
+)
+def test_a_rerun_may_not_change_what_the_canary_scores_depend_on(tmp_path, change, named, with_settings):
+    from vizer.run_dir import check_rerun
+
+    recipe = load_recipe("tiny-shapes", ["monitor.canary=2"])
+    canary_out(tmp_path, recipe, with_settings)
+    with pytest.raises(RecipeError, match=rf"holds a canary measured since step 0 with other {named}: "):
+        check_rerun(load_recipe("tiny-shapes", ["monitor.canary=2", change]), tmp_path)
+    # without the canary, or with what does not change its scores, the run resumes
+    assert check_rerun(load_recipe("tiny-shapes", [change, "monitor.canary=0"]), tmp_path)
+    assert check_rerun(load_recipe("tiny-shapes", ["monitor.canary=2", "eval.batch_size=2"]), tmp_path)
