@@ -29,6 +29,7 @@ BUILTINS: dict[str, str] = {
     "latent": "rewards.latent:latent",
     "phrase_grounding": "rewards.phrase_level:phrase_grounding",
     "phrase_agreement": "rewards.phrase_level:phrase_agreement",
+    "counterfactual_grounding": "rewards.counterfactual:counterfactual_grounding",
 }
 RESERVED = ("name", "weight", "id")
 # Filled in by the runner when the factory takes them and the entry does not set them: the training device, the
