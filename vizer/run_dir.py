@@ -69,11 +69,22 @@ def locked(out_dir: Path) -> Iterator[None]:
     """Hold OUT for this run; refuse (one line) while another live run holds it."""
     path = out_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
+    for _ in range(3):
         try:
             fd = _create(path, out_dir)
         except FileExistsError:
-            owner = _read_lock(path)
+            owner = _settled_lock(path)
+            if not owner and not path.exists():  # its run ended meanwhile
+                continue
+            if not owner and _age(path) > EMPTY_LOCK_S:  # its run was killed between creating and writing it
+                print(f"{out_dir}: taking over an empty lock left by a run killed while taking it")
+                path.unlink(missing_ok=True)
+                continue
+            if not owner:
+                raise RecipeError(
+                    f"OUT {out_dir} is being taken by another run (its lock is not written yet); wait for it, or "
+                    "train into another OUT"
+                ) from None
             same_host = owner.get("host") == me["host"]
             if same_host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
                 print(f"{out_dir}: taking over the lock of a run that is gone (pid {owner['pid']})")
@@ -87,6 +98,8 @@ def locked(out_dir: Path) -> Iterator[None]:
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break
+    else:  # other runs kept taking it
+        raise RecipeError(f"OUT {out_dir} is contended by other runs; train into another OUT")
     try:
         yield
     finally:
@@ -103,11 +116,31 @@ def _create(path: Path, out_dir: Path) -> int:
         raise RecipeError(f"OUT {out_dir} is not writable ({err.strerror})") from None
 
 
+LOCK_WRITE_S = 2.0  # an owner writes its lock right after creating it: an empty one is waited for this long
+EMPTY_LOCK_S = 30.0  # an empty lock older than this was left by a run killed between creating and writing it
+
+
+def _settled_lock(path: Path) -> dict:
+    """The lock's owner, read again for a moment while it is still empty (created, not yet written)."""
+    deadline = time.monotonic() + LOCK_WRITE_S
+    while not (owner := _read_lock(path)) and path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return owner
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _read_lock(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        owner = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return owner if isinstance(owner, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------------- weights

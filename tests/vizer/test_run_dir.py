@@ -90,6 +90,39 @@ def snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
     return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
 
 
+def test_a_lock_read_before_its_owner_wrote_it_names_the_owner_once_written(tmp_path):
+    import threading
+
+    from vizer.run_dir import locked
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").touch()  # created by a live run that has not written its pid yet
+    owner = {"pid": os.getppid(), "host": os.uname().nodename, "started": "t"}  # alive, on this host
+    later = threading.Timer(0.3, lambda: (out / ".lock").write_text(json.dumps(owner)))
+    later.start()
+    with pytest.raises(RecipeError, match=rf"^OUT {out} is in use by pid {owner['pid']} on ") as err, locked(out):
+        pass
+    later.join()
+    assert "delete" not in str(err.value), "never advise deleting a live run's lock"
+
+
+def test_an_empty_lock_is_waited_for_then_taken_over_only_when_old(tmp_path, capsys, monkeypatch):
+    import vizer.run_dir as run_dir
+
+    monkeypatch.setattr(run_dir, "LOCK_WRITE_S", 0.1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").touch()
+    taken = r"is being taken by another run \(its lock is not written yet\)"
+    with pytest.raises(RecipeError, match=taken), run_dir.locked(out):
+        pass
+    os.utime(out / ".lock", (1, 1))  # empty for long: its run died between creating and writing it
+    with run_dir.locked(out):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert "taking over an empty lock" in capsys.readouterr().out and not (out / ".lock").exists()
+
+
 def test_a_changed_recipe_is_refused_before_touching_out_and_allowed_changes_are_recorded(tmp_path, capsys):
     out = tmp_path / "run"
     runner.train(recipe("grpo.max_steps=2"), out)
