@@ -78,7 +78,7 @@ def merge(run: Path, out: Path | None = None) -> Path:
     out = out or run / "merged"
     partial, replaced = (out.with_name(out.name + suffix) for suffix in (".partial", ".replaced"))
     for folder in (out, partial, replaced):  # before minutes of loading: refuse what is not ours to remove
-        _check_out(folder)
+        _check_out(folder, out)
     weights = fingerprint(adapter)  # the weights about to be loaded; compared again once the merge is saved
     from vizer.caption import model_for_adapter  # heavy imports (torch, transformers) only once RUN is known good
     from vizer.models import load_with_adapter, pick_dtype
@@ -99,7 +99,7 @@ def merge(run: Path, out: Path | None = None) -> Path:
         model = loaded.model.merge_and_unload()
     # a crash mid-save never leaves a folder that looks done: save beside OUT, then swap it in
     if partial.exists():
-        shutil.rmtree(partial)  # an earlier merge's (checked above)
+        _remove_ours(partial)  # an earlier merge's (checked above)
     partial.mkdir(parents=True)
     (partial / MERGE_STARTED).write_text(f"{adapter}\n")
     print(f"merge: saving to {out}")
@@ -110,7 +110,7 @@ def merge(run: Path, out: Path | None = None) -> Path:
     # vizer.qwen2vl_processor.load_qwen2vl_processor(folder) (what `model.id: <folder>` in a recipe does).
     loaded.processor.save_pretrained(str(partial))
     if fingerprint(adapter) != weights:  # e.g. a training run resumed into RUN saved a new adapter meanwhile
-        shutil.rmtree(partial)
+        _remove_ours(partial)
         raise RecipeError(
             f"merge: {adapter} changed while merging (is training writing to {run}?); merge again once it is done"
         )
@@ -132,26 +132,53 @@ def merge(run: Path, out: Path | None = None) -> Path:
     return out
 
 
-def _check_out(out: Path) -> None:
+def _check_out(folder: Path, out: Path) -> None:
     """Refuse to replace a folder that `merge` did not write (`--out .` must never delete a project): OUT and
     the OUT.partial / OUT.replaced folders beside it that merge works in."""
-    if out.exists() and not out.is_dir():
-        raise RecipeError(f"merge: {out} is a file; choose another --out")
-    ours = (out / MERGE_INFO).is_file() or (out / MERGE_STARTED).is_file()
-    if out.is_dir() and any(out.iterdir()) and not ours:
-        raise RecipeError(f"merge: {out} exists and was not written by `vizer merge`; move it or choose another --out")
+    if folder.exists() and not folder.is_dir():
+        raise RecipeError(f"merge: {folder} is a file; choose another --out")
+    ours = (folder / MERGE_INFO).is_file() or (folder / MERGE_STARTED).is_file() or _leftover(folder, out)
+    if folder.is_dir() and any(folder.iterdir()) and not ours:
+        raise RecipeError(
+            f"merge: {folder} exists and was not written by `vizer merge`; move it or choose another --out"
+        )
+
+
+def _leftover(folder: Path, out: Path) -> bool:
+    """A removal of an older merge cut short by a kill (before its markers went last): every file left is one
+    that OUT's own merge record names."""
+    try:
+        named = set(json.loads((out / MERGE_INFO).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    left = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return folder != out and set(left) <= named
+
+
+def _remove_ours(folder: Path) -> None:
+    """Remove a folder merge wrote with its markers last, so that a kill midway leaves it recognisably ours."""
+    for entry in folder.iterdir():
+        if entry.name in (MERGE_INFO, MERGE_STARTED):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    for name in (MERGE_INFO, MERGE_STARTED):
+        (folder / name).unlink(missing_ok=True)
+    folder.rmdir()
 
 
 def _swap_in(partial: Path, out: Path, replaced: Path) -> None:
     """Put the finished merge at OUT with renames only: a kill at any point leaves either the old complete
     folder, the new one, or none at OUT (push then merges again), never a half-deleted one."""
     if replaced.exists():
-        shutil.rmtree(replaced)  # an interrupted earlier swap's (checked to be ours)
+        _remove_ours(replaced)  # an interrupted earlier swap's (checked to be ours)
     if out.exists():
         out.rename(replaced)
     partial.rename(out)
     if replaced.exists():
-        shutil.rmtree(replaced)
+        _remove_ours(replaced)
 
 
 def is_current_merge(folder: Path, adapter: Path) -> bool:

@@ -149,19 +149,19 @@ def test_a_merge_killed_while_replacing_the_old_one_never_leaves_a_current_looki
     # config files without weights, which still count as current (and `push --merged` would upload them).
     out = export.merge(run_copy)
     adapter = run_copy / "adapter"
-    real_rmtree = shutil.rmtree
+    real_remove = export._remove_ours
 
-    def killed_midway(path, *args, **kwargs):
+    def killed_midway(path):
         if not (Path(path) / "config.json").is_file():  # not a merged model: removed as usual
-            return real_rmtree(path, *args, **kwargs)
+            return real_remove(path)
         for name in ("model.safetensors", "tokenizer.json"):
             (Path(path) / name).unlink(missing_ok=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(export, "_remove_ours", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         export.merge(run_copy)
-    monkeypatch.setattr(export.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(export, "_remove_ours", real_remove)
     if export.is_current_merge(out, adapter):
         assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     # a folder missing any file its merge wrote is not current, whatever else it holds
@@ -170,6 +170,32 @@ def test_a_merge_killed_while_replacing_the_old_one_never_leaves_a_current_looki
     (out / "tokenizer.json").unlink()
     assert not export.is_current_merge(out, adapter)
     assert export.merge(run_copy) == out and export.is_current_merge(out, adapter)
+
+
+def test_a_merge_killed_while_removing_the_old_one_recognises_its_leftover(run_copy, monkeypatch):
+    # Fails if the leftover of a removal cut short (merged_from.json already gone) is refused ever after as
+    # "not written by vizer merge".
+    out = export.merge(run_copy)
+    replaced = out.with_name("merged.replaced")
+    shutil.copytree(out, replaced, ignore=shutil.ignore_patterns(export.MERGE_INFO, "model.safetensors"))
+    assert export.merge(run_copy) == out and not replaced.exists()
+
+    real_unlink, removed = Path.unlink, []
+
+    def killed_after_two_files(path, *args, **kwargs):  # SIGKILL while the old folder is being removed
+        if path.parent == replaced:
+            removed.append(path.name)
+            if len(removed) > 2:
+                raise KeyboardInterrupt
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed_after_two_files)
+    with pytest.raises(KeyboardInterrupt):
+        export.merge(run_copy)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert (replaced / export.MERGE_INFO).is_file(), "its marker goes last"
+    assert export.merge(run_copy) == out and not replaced.exists()
+    assert export.is_current_merge(out, run_copy / "adapter")
 
 
 def test_an_adapter_replaced_while_merging_is_never_recorded_as_merged(run_copy, monkeypatch, capsys):
