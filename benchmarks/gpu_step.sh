@@ -43,6 +43,10 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 DRY=()
 [ "${DRY_RUN:-0}" = 1 ] && DRY=(--dry-run)
 
+if ! [[ "$BUDGET_S" =~ ^[0-9]+$ ]] || [ "$BUDGET_S" -lt 40 ]; then
+  echo "gpu_step: BUDGET_S must be at least 40 seconds (one row's least), got '$BUDGET_S'" >&2
+  exit 2
+fi
 mkdir -p "$(dirname "$CSV")"
 : >"$LOG"
 if [ "$DEVICE" = cuda ]; then
@@ -59,6 +63,7 @@ cap_for() { case "$1" in smolvlm-openimages* | qwen2vl*) echo 150 ;; *) echo 130
 
 start=$SECONDS
 status=0
+ran=0
 while IFS= read -r row; do
   [ -z "$row" ] && continue
   left=$((BUDGET_S - (SECONDS - start)))
@@ -69,6 +74,7 @@ while IFS= read -r row; do
     continue
   fi
   echo "== $row (cap ${cap}s, $((SECONDS - start))s used)" >>"$LOG"
+  ran=$((ran + 1))
   # shellcheck disable=SC2086  # a row is a recipe name and flags
   if ! timeout --kill-after=10 "$cap" "$PYTHON" -m benchmarks.grpo_step --device "$DEVICE" --recipe $row \
     --repeats 1 --steps "$STEPS" --csv "$CSV" ${DRY[@]+"${DRY[@]}"} >>"$LOG" 2>&1 </dev/null; then
@@ -76,6 +82,14 @@ while IFS= read -r row; do
     status=1
   fi
 done <<<"$ROWS"
-echo "gpu_step: $((SECONDS - start))s; rows in $CSV" >&2
-[ -f "$CSV" ] && cat "$CSV"
+if [ "$ran" -eq 0 ]; then
+  echo "gpu_step: no row ran (the budget skipped them all); nothing written to $CSV" >&2
+  exit 1
+fi
+if [ -f "$CSV" ]; then
+  echo "gpu_step: $((SECONDS - start))s; rows in $CSV" >&2
+  cat "$CSV"
+else
+  echo "gpu_step: $((SECONDS - start))s; no row finished, nothing written to $CSV (see $LOG)" >&2
+fi
 exit $status

@@ -50,7 +50,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 MODELS = ("smolvlm256", "smolvlm500", "smolvlm2b", "qwen2vl2b")  # = benchmarks.real_sized.NAMES
 DEFAULT_MAX_PIXELS = 256 * 28 * 28
@@ -481,9 +481,15 @@ def side_command(options: argparse.Namespace, side: str) -> list[str]:
     return command
 
 
+class SideFailed(Exception):
+    """A side's process ended with an error (its own message is above, on stderr)."""
+
+
 def run_side(options: argparse.Namespace, side: str) -> dict:
     """One side in a fresh process; its stderr passes through (the fallback reason, errors)."""
-    out = subprocess.run(side_command(options, side), stdout=subprocess.PIPE, text=True, check=True)
+    out = subprocess.run(side_command(options, side), stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise SideFailed(f"the {side} side failed (exit {out.returncode}); its error is above")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -541,11 +547,56 @@ def _ratio(a: float, b: float) -> float:
 
 def _size(text: str) -> tuple[int, int]:
     width, _, height = text.partition("x")
-    return int(width), int(height or width)
+    try:
+        size = int(width), int(height or width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like WIDTHxHEIGHT, got {text!r}") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive width and height, got {text!r}")
+    return size
+
+
+PROG = "python -m benchmarks.grpo_step"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input is one line and exit 2 (argparse would print the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _check(options: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """What would otherwise fail in the side processes, or compare nothing, refused before they start."""
+    at_least = {
+        "--repeats": (options.repeats, 1),
+        "--steps": (options.steps, 1),
+        "--generations": (options.generations, 2),
+    }
+    at_least |= {"--images-per-step": (options.images_per_step, 1), "--per-device": (options.per_device, 1)}
+    at_least["--completion-length"] = (options.completion_length, 1)
+    for flag, (value, low) in at_least.items():
+        if value < low:
+            hint = " (use --dry-run to build without training)" if flag == "--steps" else ""
+            parser.error(f"{flag} must be at least {low}, got {value}{hint}")
+    if options.generation_option is not None:
+        key, sep, value = options.generation_option.partition("=")
+        if not (key.strip() and sep and value.strip()):
+            parser.error(f"--generation-option must look like KEY=VALUE, got {options.generation_option!r}")
+    if options.csv is not None and options.csv.is_dir():
+        parser.error(f"--csv {options.csv} is a folder; name a CSV file")
+    if options.csv is not None and not options.csv.parent.is_dir():
+        parser.error(f"--csv {options.csv}: no folder {options.csv.parent}")
+
+
+def _cuda_available() -> bool:
+    """Asked in a separate process: the orchestrating process stays free of torch."""
+    probe = [sys.executable, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.grpo_step", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", help="take G, batch sizes, completion length, quantization and processor options")
     parser.add_argument("--model", choices=MODELS, default="smolvlm256")
     parser.add_argument("--generations", type=int, default=PLAIN["generations"], help="G, completions per picture")
@@ -594,8 +645,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.set_defaults(**settings)
         options = parser.parse_args(argv)
         options.recipe_settings = settings
-    if options.steps < 1:
-        parser.error("--steps must be at least 1 (use --dry-run to build without training)")
+    _check(options, parser)
     return options
 
 
@@ -607,7 +657,15 @@ def main(argv: list[str] | None = None) -> int:
             append_csv(options.csv, options, options.side, result)
         print(json.dumps(result))
         return 0
-    for name, value in compare(options).items():
+    if options.device.startswith("cuda") and not _cuda_available():  # else each side fails in its own process
+        print(f"{PROG}: error: --device {options.device}, but this Python sees no CUDA device", file=sys.stderr)
+        return 2
+    try:
+        results = compare(options)
+    except SideFailed as err:
+        print(f"grpo_step: {err}", file=sys.stderr)
+        return 1
+    for name, value in results.items():
         print(f"{name}: {value:.3f}", flush=True)
     return 0
 

@@ -171,3 +171,50 @@ def test_a_generation_option_is_timed_on_the_shared_side_without_and_with_it(mon
     results = grpo_step.compare(options)
     assert results["generation_speedup_smolvlm256_cache_implementation_static"] == 2.0
     assert results["step_speedup_smolvlm256_cache_implementation_static"] == 1.6
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--generation-option", "cache_implementation"], "--generation-option must look like KEY=VALUE"),
+        (["--generation-option", "cache_implementation="], "--generation-option must look like KEY=VALUE"),
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["--generations", "0"], "--generations must be at least 2, got 0"),
+        (["--image-size", "0x0"], "needs a positive width and height, got '0x0'"),
+        (["--image-size", "big"], "must look like WIDTHxHEIGHT"),
+        (["--csv", "."], "--csv . is a folder"),
+        (["--device", "cuda"], "--device cuda, but this Python sees no CUDA device"),
+    ],
+)
+def test_bad_benchmark_input_is_one_line_before_any_side_runs(args, named, monkeypatch, capsys):
+    # Fails if a bad flag reaches the side processes (a traceback there and again here) or compares two
+    # identical sides and exits 0.
+    monkeypatch.setattr(grpo_step, "_cuda_available", lambda: False)  # the test machine may have a GPU
+    monkeypatch.setattr(grpo_step, "run_side", lambda *a: pytest.fail("a side ran"))
+    try:
+        code = grpo_step.main(args)
+    except SystemExit as stopped:
+        code = stopped.code
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_failed_side_is_one_line_from_the_parent(monkeypatch, capsys):
+    def failed(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, stdout="")
+
+    monkeypatch.setattr(grpo_step.subprocess, "run", failed)
+    assert grpo_step.main(["--repeats", "1"]) == 1
+    assert capsys.readouterr().err.strip() == "grpo_step: the stock side failed (exit 1); its error is above"
+
+
+@pytest.mark.parametrize("budget", ["0", "-5", "ten"])
+def test_gpu_script_with_no_budget_is_refused_not_a_csv_it_never_wrote(tmp_path, budget):
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "DEVICE": "cpu", "BUDGET_S": budget}
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_step.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path / "x.csv")], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "BUDGET_S must be at least 40 seconds" in done.stderr, done.stderr
+    assert "rows in" not in done.stderr
