@@ -10,18 +10,32 @@ against the object recall, object hallucination and duplicate rate of the same c
 each picture's truth rebuilt from its image id; correlations over the canary steps of each run.
 
     python -m shapescap.monitor_check RUN [RUN ...] [--window 10] [--canary]
+
+Bad input (a missing run, no canary.jsonl, pictures that are not ShapesCap scenes, ...) is one line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 from pathlib import Path
 
 from rewards.common import completion_text
 from shapescap.metrics import parse_caption, shapes_metrics
 from shapescap.scenes import Scene, make_scene, scene_seed
+from vizer.records import read_records
+
+
+class CheckError(Exception):
+    """Input this check cannot read; the message is one line naming the run or file."""
+
+
+def _records(path: Path) -> list[dict]:
+    """The JSON lines of a run's file; a torn last line (what a kill leaves) is skipped."""
+    if not path.is_file():
+        raise CheckError(f"{path.parent}: no {path.name}")
+    return [record for _, record in read_records(path)[0]]
 
 
 def duplicate_rate(captions: list[str]) -> float:
@@ -35,9 +49,8 @@ def run_series(run: Path) -> tuple[list[float], list[float]]:
     import pandas as pd
 
     monitor = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "health/repeated" in row:
+    for row in _records(run / "metrics.jsonl"):
+        if "health/repeated" in row and "step" in row:
             monitor[row["step"]] = row["health/repeated"]
     repeated, duplicates = [], []
     for step, value in sorted(monitor.items()):
@@ -52,8 +65,12 @@ def run_series(run: Path) -> tuple[list[float], list[float]]:
 
 def scene_of(image_id: str) -> Scene:
     """The scene behind a shapes source image id, `shapes/<split>/<index>` (the source's default 3 objects)."""
-    _, split, index = image_id.split("/")
-    return make_scene(scene_seed(split, int(index)))
+    parts = str(image_id).split("/")
+    if len(parts) != 3 or parts[0] != "shapes" or not parts[2].isdigit():
+        raise CheckError(
+            f"canary picture {image_id!r} is not a ShapesCap scene (shapes/<split>/<index>): its truth is unknown"
+        )
+    return make_scene(scene_seed(parts[1], int(parts[2])))
 
 
 CANARY_TRUTH = ("shapes/object_recall", "shapes/object_hallucination", "shapes/duplicate_object")
@@ -61,7 +78,10 @@ CANARY_TRUTH = ("shapes/object_recall", "shapes/object_hallucination", "shapes/d
 
 def canary_series(run: Path) -> tuple[str, list[int], list[float], dict[str, list[float]]]:
     """(score key, steps, canary CLIP-S, symbolic metric -> values) per canary measurement of a run."""
-    lines = [json.loads(line) for line in (run / "canary.jsonl").read_text().splitlines()]
+    lines = _records(run / "canary.jsonl")
+    for line in lines:
+        if not line.get("images"):
+            raise CheckError(f"{run / 'canary.jsonl'}: the line of step {line.get('step', '?')} holds no images")
     key = "clip_s_judge" if lines and "clip_s_judge" in lines[0]["images"][0] else "clip_s"
     steps, scores, truth = [], [], {m: [] for m in CANARY_TRUTH}
     for line in lines:
@@ -85,7 +105,7 @@ def canary_table(runs: list[Path]) -> list[str]:
         if len(steps) < 3:
             out.append(f"| {run} | {key} | | {len(steps)} | too few canary steps | | | | |")
             continue
-        n = len(json.loads((run / "canary.jsonl").read_text().splitlines()[0])["images"])
+        n = len(_records(run / "canary.jsonl")[0]["images"])
         r = [_correlation(scores, truth[m]) for m in CANARY_TRUTH]
         recall = truth[CANARY_TRUTH[0]]
         out.append(
@@ -112,25 +132,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--canary", action="store_true", help="correlate the canary set with the truth instead")
     args = parser.parse_args(argv)
-    if args.canary:
-        print("\n".join(canary_table(args.runs)))
-        return 0
-    print(
-        "| run | steps | r (per step) | r (moving mean) | repeated, first → last window | duplicates, first → last window |"
-    )
-    print("|---|---:|---:|---:|---|---|")
-    for run in args.runs:
+    try:
+        if args.window < 1:
+            raise CheckError(f"--window must be at least 1, got {args.window}")
+        for run in args.runs:
+            if not run.is_dir():
+                raise CheckError(f"run folder not found: {run}")
+        if args.canary:
+            print("\n".join(canary_table(args.runs)))
+        else:
+            print("\n".join(repeated_table(args.runs, args.window)))
+    except CheckError as err:
+        print(f"monitor_check: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def repeated_table(runs: list[Path], window: int) -> list[str]:
+    out = [
+        "| run | steps | r (per step) | r (moving mean) | repeated, first → last window | duplicates, first → last window |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for run in runs:
         repeated, duplicates = run_series(run)
-        if len(repeated) < args.window + 2:
-            print(f"| {run} | {len(repeated)} | too few logged steps with completions | | | |")
+        if len(repeated) < window + 2:
+            out.append(f"| {run} | {len(repeated)} | too few logged steps with completions | | | |")
             continue
-        smooth_r, smooth_d = moving_mean(repeated, args.window), moving_mean(duplicates, args.window)
-        print(
-            f"| {run} | {len(repeated)} | {statistics.correlation(repeated, duplicates):.2f} "
-            f"| {statistics.correlation(smooth_r, smooth_d):.2f} "
+        smooth_r, smooth_d = moving_mean(repeated, window), moving_mean(duplicates, window)
+        out.append(
+            f"| {run} | {len(repeated)} | {_correlation(repeated, duplicates)} | {_correlation(smooth_r, smooth_d)} "
             f"| {smooth_r[0]:.3f} → {smooth_r[-1]:.3f} | {smooth_d[0]:.3f} → {smooth_d[-1]:.3f} |"
         )
-    return 0
+    return out
 
 
 if __name__ == "__main__":
