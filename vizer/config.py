@@ -420,6 +420,21 @@ def check_exact_paths(model: dict) -> None:
         raise RecipeError(f"'model.merge_for_generation' is true, but {why}; set it to auto or false")
 
 
+def check_attention(implementation: str | None) -> None:
+    """A flash attention implementation whose package is missing fails only once the model loads: refused here."""
+    if implementation not in ("flash_attention_2", "flash_attention_3"):
+        return
+    import transformers.utils
+
+    version = implementation[-1]
+    if not getattr(transformers.utils, f"is_flash_attn_{version}_available")():
+        package = "flash-attn" if version == "2" else "flash-attn 3 (flash_attn_interface)"
+        raise RecipeError(
+            f"'model.attn_implementation' is {implementation}, but {package} is not installed here (it also needs "
+            "a CUDA GPU); install it, or use sdpa"
+        )
+
+
 def check_data(data: dict, where: str = "data.") -> dict:
     """A validated data section (defaults of the general schema and of its source filled in)."""
     if not isinstance(data.get("source"), str):
@@ -504,6 +519,7 @@ def validate(raw: dict) -> dict:
     recipe["model"]["lora"] = _check_section(recipe["model"]["lora"], LORA_SCHEMA, "model.lora.")
     check_model_id(recipe["model"]["id"], "model.id")
     check_exact_paths(recipe["model"])
+    check_attention(recipe["model"]["attn_implementation"])
     recipe["data"] = check_data(recipe["data"], "data.")
     if recipe["eval_data"] is not None:
         recipe["eval_data"] = check_data(recipe["eval_data"], "eval_data.")

@@ -314,3 +314,16 @@ def test_a_run_saved_under_the_old_checkpointing_name_resumes_unchanged():
     assert recipe_changes(saved, new) == ([], [])
     saved["grpo"]["gradient_checkpointing"] = True
     assert recipe_changes(saved, new)[1] == ["grpo.activation_checkpointing"]
+
+
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_flash_attention_without_its_package_is_one_line_before_the_model_loads(version, monkeypatch):
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, f"is_flash_attn_{version}_available", lambda: False)
+    with pytest.raises(
+        RecipeError, match=rf"^'model.attn_implementation' is flash_attention_{version}, but flash-attn"
+    ):
+        load_recipe("tiny-shapes", [f"model.attn_implementation=flash_attention_{version}"])
+    monkeypatch.setattr(transformers.utils, f"is_flash_attn_{version}_available", lambda: True)
+    load_recipe("tiny-shapes", [f"model.attn_implementation=flash_attention_{version}"])
