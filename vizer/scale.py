@@ -100,6 +100,19 @@ def check_launch(quantization: str, env: Mapping[str, str] = os.environ) -> None
         )
 
 
+def check_world_size(processes: int, env: Mapping[str, str] = os.environ) -> None:
+    """Refuse processes that a launcher started together but that each run alone: `accelerate launch
+    --num_processes N` without GPUs (and without --cpu) gives each one world size 1, so N runs would train as
+    one into the same OUT."""
+    launched = env.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > processes:
+        raise RecipeError(
+            f"the launcher started {launched} processes, but each sees itself alone (world size {processes}): "
+            "there is no GPU for them here; launch one process (make train without GPUS), add --cpu to "
+            "accelerate launch for CPU processes, or run on a machine with a GPU per process"
+        )
+
+
 def check_gpus(processes: int, available: int) -> None:
     """Refuse, before `accelerate launch`, more processes than GPUs: without a GPU each would start as a
     separate single-process run into the same OUT (the second refused by the first's lock, then a traceback)."""

@@ -57,6 +57,7 @@ from vizer.scale import (
     check_generation_groups,
     check_launch,
     check_vllm,
+    check_world_size,
     hardware,
     report_to,
     sharding,
@@ -291,6 +292,7 @@ def train(recipe: dict, out_dir: Path) -> Path:
     OUT's own files (recipe.yaml, metrics.jsonl, mapper/); the others stay quiet."""
     # ACCELERATE_USE_CPU=true: CPU processes under torchrun (gloo), e.g. the multi-process test
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_world_size(state.num_processes)
     check_launch(recipe["model"]["quantization"])
     args = training_args(recipe, out_dir, state.num_processes)  # before any model loads: fails in a second
     grpo = recipe["grpo"]

@@ -273,3 +273,15 @@ def test_an_accelerate_launch_needs_a_gpu_per_process(processes, available):
         check_gpus(processes, available)
     if available:
         check_gpus(available, available)  # as many as there are: launched
+
+
+def test_processes_launched_together_that_each_run_alone_are_refused(tmp_path, monkeypatch):
+    # `accelerate launch --num_processes 2 -m vizer train ...` without GPUs: each process has world size 1
+    from vizer.scale import check_world_size
+
+    check_world_size(2, {"WORLD_SIZE": "2"})
+    check_world_size(1, {})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match=r"^the launcher started 2 processes, but each sees itself alone"):
+        runner.train(load_recipe("tiny-shapes", tiny_overrides("tiny-shapes")), tmp_path / "run")
+    assert not (tmp_path / "run").exists(), "refused before OUT is touched"
