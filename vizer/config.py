@@ -647,31 +647,48 @@ MAX_YAML_VALUES = 100_000  # a hand-written recipe holds hundreds; aliases (&a/*
 class _RecipeLoader(yaml.SafeLoader):
     """YAML's safe loader, stricter where a recipe would otherwise lose settings or memory: a key twice in one
     mapping is an error (YAML says so; PyYAML keeps the last), and the document may not expand (through
-    aliases) to more than MAX_YAML_VALUES values."""
+    aliases) to more than MAX_YAML_VALUES values. Both are checked on the composed nodes, before PyYAML's
+    construction folds merge keys (<<) into their mappings."""
 
     def compose_document(self):
         node = super().compose_document()
         if node is not None:
             _count_values(node)
+            _check_duplicates(self, node)
         return node
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
-                    continue
-                key = self.construct_object(key_node, deep=True)
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_duplicates(loader: yaml.SafeLoader, root: yaml.Node) -> None:
+    """Every mapping, block or flow, its keys compared as constructed (`a` and `"a"`, `yes` and `true` are one
+    key); a key a merge (<<) brings in may be overridden on purpose, so only keys written in the mapping count
+    (`<<` itself twice counts too)."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:  # an alias: checked where its anchor is
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            keys: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                stack.extend((key_node, value_node))
+                key = "<<" if key_node.tag == MERGE_TAG else loader.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 try:
-                    first = seen.setdefault(key, line)
-                except TypeError:  # an unhashable key: the base loader says so
+                    first = keys.get(key)
+                except TypeError:  # an unhashable key: the constructor says so
                     continue
-                if first != line:
+                if first is not None:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"duplicate key {short(key)} (first at line {first})", key_node.start_mark
                     )
-        return super().construct_mapping(node, deep=deep)
+                keys[key] = line
 
 
 def _count_values(root: yaml.Node) -> None:

@@ -165,6 +165,35 @@ def test_a_key_twice_in_one_mapping_is_an_error_naming_key_and_line(tmp_path):
         load_recipe(str(path))
 
 
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("grpo: {max_steps: 2, max_steps: 3}\n", "max_steps"),  # flow mapping, keys on one line
+        ("grpo: {max_steps: 2,\n  logging_steps: 1, max_steps: 3}\n", "max_steps"),  # flow over two lines
+        ("eval: {batch_size: 2}\neval: {batch_size: 4}\n", "eval"),  # flow mappings as block values
+        ("rewards:\n  - {name: length, weight: 1, weight: 2}\n", "weight"),  # inside a list entry
+        ("grpo:\n  max_steps: 2\n  'max_steps': 3\n", "max_steps"),  # quoted and plain: one key
+        ("b: &b {max_steps: 2}\ngrpo:\n  <<: *b\n  seed: 1\n  seed: 2\n", "seed"),  # beside a merge key
+        ("b: &b {max_steps: 2}\ngrpo:\n  <<: *b\n  <<: *b\n", "<<"),  # the merge key itself twice
+    ],
+)
+def test_a_duplicate_key_is_found_in_every_yaml_form(text, key):
+    # Fails where one form slips through and PyYAML silently keeps the later value.
+    from vizer.config import load_yaml
+
+    with pytest.raises(yaml.YAMLError, match=rf"duplicate key '{key}' \(first at line \d+\)"):
+        load_yaml(text)
+
+
+def test_keys_a_merge_brings_in_may_be_overridden_and_aliases_are_no_duplicates():
+    from vizer.config import load_yaml
+
+    text = "b: &b {max_steps: 2, seed: 1}\ngrpo:\n  <<: *b\n  seed: 3\nother: *b\nmore: *b\n"
+    assert load_yaml(text)["grpo"] == {"max_steps": 2, "seed": 3}
+    nested = "a: &a {x: 1}\nb: &b {<<: *a, y: 2}\nc: {<<: *b, x: 5, y: 6}\n"
+    assert load_yaml(nested)["c"] == {"x": 5, "y": 6}
+
+
 def test_a_recipe_that_expands_through_aliases_is_refused_fast_without_printing_it(tmp_path):
     # Fails if aliases are expanded without a bound (MemoryError after tens of seconds) or the error shows the value.
     laughs = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
