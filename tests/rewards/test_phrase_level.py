@@ -4,6 +4,7 @@ captions (a scorer whose truth is known, the real all-MiniLM-L6-v2) and on Shape
 import random
 
 import pytest
+import torch
 
 from rewards import build_reward
 from rewards.phrase_level import PhraseGroundingReward
@@ -158,3 +159,55 @@ def test_phrase_agreement_f1_mode_pays_for_the_consensus_and_nothing_else():
     assert scores[0] == scores[1] == pytest.approx(1.0)
     assert scores[2] < scores[0] and scores[3] < scores[0]
     assert scores[5] < scores[0]
+
+
+class ExactEncoder:
+    """Orthogonal unit embeddings, one per distinct phrase: two phrases are the same only when equal."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def encode(self, texts, **kwargs):
+        rows = [self.vocab.setdefault(t, len(self.vocab)) for t in texts]
+        return torch.nn.functional.one_hot(torch.tensor(rows), 64).float()
+
+
+PINNED_GROUP = [
+    "a red circle and a blue square",  # red circle: 2 of 3 others; blue square: 1 of 3
+    "a red circle",  # red circle: 2 of 3
+    "a red circle and a green triangle",  # green triangle: no other caption names it, support 0
+    "a blue square",  # blue square: 1 of 3
+]
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        # penalty: sum of min(support - tau, 0) with tau 0.5
+        ("penalty", [-1 / 6, 0.0, -0.5, -1 / 6]),
+        # sum: sum of (support - tau)
+        ("sum", [0.0, 1 / 6, 1 / 6 - 0.5, -1 / 6]),
+        # f1 against the phrases at least half of the others name: {red circle} for the 1st and 4th caption,
+        # {red circle, blue square} for the 2nd and 3rd
+        ("f1", [2 / 3, 2 / 3, 1 / 2, 0.0]),
+    ],
+)
+def test_phrase_agreement_scores_are_exact_on_a_small_group(mode, expected):
+    # Fails under a plausible slip: a caption counted as support for its own phrases, support divided by the
+    # group size instead of the others, tau applied on the wrong side, or the consensus built with the caption.
+    from rewards.phrase_level import PhraseAgreementReward
+
+    reward = PhraseAgreementReward(ExactEncoder(), tau=0.5, mode=mode)
+    assert reward.score(PINNED_GROUP, image_id=["a"] * 4) == pytest.approx(expected)
+
+
+def test_phrase_agreement_support_and_repeats_by_hand():
+    from rewards.phrase_level import PhraseAgreementReward
+
+    logged = {}
+    reward = PhraseAgreementReward(ExactEncoder(), tau=0.5, repeat_penalty=1.0)
+    group = ["a red circle and a red circle", "a red circle", "a green triangle"]
+    scores = reward.score(group, image_id=["b"] * 3, log_metric=lambda k, v: logged.__setitem__(k, v))
+    # 1st: red circle once (support 1/2, no cost) and one repeat (-1); 3rd: green triangle, support 0
+    assert scores == pytest.approx([-1.0, 0.0, -0.5])
+    assert logged["rewards/phrase_agreement/support"] == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
