@@ -15,10 +15,10 @@ Each side runs in its own process (so peak memory is its own: RSS on the CPU, to
 on a GPU; GB here are 2^30 bytes); sides alternate, `repeats` times, and the median seconds per step (after a warm-up step) is
 reported with its split as `make train` logs it (`timing/*`): preprocess (the processor), generation, reward,
 forward_backward (log-prob forwards, the loss forward and backward) and other (the rest of the step).
-The shared side preprocesses each distinct picture once (`vizer.preprocess_once`), reads each group's prompt
-once in the language model when `vizer.shared_prefix.why_not_shared_prefix` allows, and asks
-`vizer.shared_vision.why_not_shared` before sharing the vision tower, and generates with the adapter merged where
-`vizer.merged_generation.why_not_merged` allows (float32: the CPU; not bf16 or 4-bit); when one names a reason
+The shared side preprocesses each distinct picture once (`vizer.fast.preprocess_once`), reads each group's prompt
+once in the language model when `vizer.fast.shared_prefix.why_not_shared_prefix` allows, and asks
+`vizer.fast.shared_vision.why_not_shared` before sharing the vision tower, and generates with the adapter merged where
+`vizer.fast.merged_generation.why_not_merged` allows (float32: the CPU; not bf16 or 4-bit); when one names a reason
 (e.g. a family whose tower cannot share), the reason goes to stderr and that part runs, and is reported, as stock. Both sides
 count the positions the language model computes in the log-prob and training forwards (`lm_tokens_per_step_*`,
 padding included) and the shared side's count against the ideal P + G*R per group (`lm_tokens_shared_over_ideal`).
@@ -54,7 +54,7 @@ from typing import Any, NoReturn
 
 MODELS = ("smolvlm256", "smolvlm500", "smolvlm2b", "qwen2vl2b")  # = benchmarks.real_sized.NAMES
 DEFAULT_MAX_PIXELS = 256 * 28 * 28
-# the step's split, as `make train` logs it (timing/<phase>, vizer.step_timing)
+# the step's split, as `make train` logs it (timing/<phase>, vizer.watch.step_timing)
 SPLIT = ("preprocess_s", "generation_s", "reward_s", "forward_backward_s", "other_s")
 PARTS = ("step_s", *SPLIT, "peak_gb", "images_per_s", "preprocess_calls_per_distinct_image")
 # the benchmark's own settings where no recipe is named
@@ -352,15 +352,15 @@ def _trainer(options: argparse.Namespace, model: Any, processor: Any, rows: Any,
 
 
 def _share(trainer: Any, name: str, shared: bool) -> tuple[str | None, Any]:
-    """(reason the shared side's vision runs stock, installed hook); the decision is vizer.shared_vision's.
+    """(reason the shared side's vision runs stock, installed hook); the decision is vizer.fast.shared_vision's.
     The shared side preprocesses each distinct picture once, as `make train` does for these families."""
     if not shared:
         return None, None
     from benchmarks import real_sized
-    from vizer.merged_generation import why_not_merged
-    from vizer.preprocess_once import PreprocessOnce
-    from vizer.shared_prefix import why_not_shared_prefix
-    from vizer.shared_vision import share_vision, why_not_shared
+    from vizer.fast.merged_generation import why_not_merged
+    from vizer.fast.preprocess_once import PreprocessOnce
+    from vizer.fast.shared_prefix import why_not_shared_prefix
+    from vizer.fast.shared_vision import share_vision, why_not_shared
 
     family = real_sized.family(name)
     trainer.preprocess_once = PreprocessOnce()

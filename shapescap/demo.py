@@ -25,7 +25,7 @@ from shapescap.captions import RANKING_KINDS
 from shapescap.clip import evaluate as clip_ranking
 from shapescap.ranking import mapper_ranking, reward_ranking
 from vizer.config import RecipeError, load_recipe, needs_mapper
-from vizer.evaluate import evaluate
+from vizer.eval.evaluate import evaluate
 from vizer.mapper import train_recipe_mapper
 from vizer.model_ids import resolve_model_id
 from vizer.run_dir import check_rerun

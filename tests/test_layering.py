@@ -1,4 +1,5 @@
-"""The house's one-way rule, checked on the source: `shapescap -> vizer -> rewards -> data`, never back.
+"""The house's one-way rule, checked on the source: `shapescap -> vizer -> rewards -> data`, never back, and
+inside vizer/ from the commands down to the fast paths (VIZER_LAYERS), never up.
 
 Every import counts, also those inside functions, so a back edge cannot hide in a lazy import; and no
 cycle may run between modules of the project (module-level imports), however it is spelled.
@@ -16,6 +17,20 @@ ALLOWED = {
     "shapescap": {"data", "rewards", "vizer"},
     "benchmarks": {"data", "rewards", "vizer", "shapescap"},
 }
+# vizer's floors, top to bottom: a module imports only from its own floor or those below. A unit is a
+# top-level module or a whole subpackage; a module that no floor names fails too, so each new one is placed.
+VIZER_LAYERS = [
+    {"vizer.__main__", "vizer.cli"},  # the commands
+    {"vizer.train", "vizer.grpo", "vizer.export"},  # a run, its trainer, and what leaves it (merge, push)
+    {"vizer.watch"},  # watching a run: timing, canary, monitor
+    {"vizer.eval"},  # judging captions
+    {"vizer.recipe_rewards", "vizer.mapper", "vizer.objective"},  # rewards and the paper's objective
+    {"vizer.models", "vizer.families", "vizer.run_dir", "vizer.scale"},  # models, the run directory, the batch
+    {"vizer.config", "vizer.model_ids", "vizer.records"},  # the recipe and where its ids point
+    {"vizer.tiny", "vizer.qwen2vl_processor"},  # offline test models and a processor that needs no torchvision
+    {"vizer.fast"},  # the exact fast paths import nothing else of vizer
+]
+FLOOR = {unit: len(VIZER_LAYERS) - i for i, floor in enumerate(VIZER_LAYERS) for unit in floor}
 
 
 def module_name(path: Path) -> str:
@@ -60,6 +75,34 @@ def back_edges(files: list[Path]) -> list[str]:
     return bad
 
 
+def vizer_unit(module: str) -> str | None:
+    """The floor unit holding a vizer module (the longest name in VIZER_LAYERS it starts with); None for vizer
+    itself and for modules of other packages."""
+    parts = module.split(".")
+    for n in range(len(parts), 1, -1):
+        if ".".join(parts[:n]) in FLOOR:
+            return ".".join(parts[:n])
+    return None
+
+
+def upward_imports(files: list[Path]) -> list[str]:
+    """Imports inside vizer/ that run up a floor, and vizer modules that no floor names."""
+    bad = []
+    for path in files:
+        module = module_name(path)
+        if module.split(".")[0] != "vizer" or module == "vizer":
+            continue
+        unit = vizer_unit(module)
+        if unit is None:
+            bad.append(f"{path.relative_to(ROOT)} stands on no floor of VIZER_LAYERS")
+            continue
+        for target in sorted(project_imports(path)):
+            other = vizer_unit(target)
+            if other and other != unit and FLOOR[other] > FLOOR[unit]:
+                bad.append(f"{path.relative_to(ROOT)} imports {target} (floor {FLOOR[other]}) from floor {FLOOR[unit]}")
+    return bad
+
+
 def cycles(files: list[Path]) -> list[list[str]]:
     modules = {module_name(p): p for p in files}
     graph = {
@@ -86,6 +129,10 @@ def test_dependencies_point_one_way():
     assert back_edges(sources()) == []
 
 
+def test_vizer_imports_point_down_its_floors():
+    assert upward_imports(sources()) == []
+
+
 def test_no_import_cycles_between_modules():
     assert cycles(sources()) == []
 
@@ -103,3 +150,17 @@ def test_the_check_sees_a_back_edge_and_a_cycle(tmp_path, monkeypatch):
         "data/a.py imports vizer.config.load_recipe (data may import [])",
     ]
     assert cycles(files) == [["data.b", "data.c", "data.b"]]
+
+
+def test_the_check_sees_a_fast_path_importing_the_run_and_an_unplaced_module(tmp_path, monkeypatch):
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    (tmp_path / "vizer" / "fast").mkdir(parents=True)
+    (tmp_path / "vizer" / "fast" / "shared_vision.py").write_text("def f():\n    import vizer.train\n")
+    (tmp_path / "vizer" / "eval").mkdir()
+    (tmp_path / "vizer" / "eval" / "metrics.py").write_text("from ..fast import shared_vision\n")  # down: fine
+    (tmp_path / "vizer" / "newcomer.py").write_text("")
+    files = sorted((tmp_path / "vizer").rglob("*.py"))
+    assert upward_imports(files) == [
+        "vizer/fast/shared_vision.py imports vizer.train (floor 8) from floor 1",
+        "vizer/newcomer.py stands on no floor of VIZER_LAYERS",
+    ]

@@ -54,13 +54,13 @@ def _mapper(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from vizer.evaluate import evaluate  # heavy imports (torch, transformers) only for the command that runs
+    from vizer.eval.evaluate import evaluate  # heavy imports (torch, transformers) only for the command that runs
 
     evaluate(Path(args.run), args.overrides, images=Path(args.images) if args.images else None, limit=args.limit)
 
 
 def _caption(args: argparse.Namespace) -> None:
-    from vizer.caption import caption_folder  # heavy imports (torch, transformers) only for the command that runs
+    from vizer.eval.caption import caption_folder  # heavy imports (torch, transformers) only for the command that runs
 
     adapter, images = Path(args.adapter), Path(args.images)
     out = Path(args.out) if args.out else adapter.parent / "captions.jsonl"

@@ -42,12 +42,12 @@ MODEL_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "lora": ((dict,), {}),
     "processor": ((dict,), {}),
     "revision": ((str,), None),
-    # encode each image once per GRPO group and step (vizer/shared_vision.py): auto = where exact; true; false
+    # encode each image once per GRPO group and step (vizer/fast/shared_vision.py): auto = where exact; true; false
     "share_vision": ((str, bool), "auto"),
     # read each group's prompt and image once in the language model's log-prob and training forwards
-    # (vizer/shared_prefix.py): auto = where exact; true; false
+    # (vizer/fast/shared_prefix.py): auto = where exact; true; false
     "share_prefix": ((str, bool), "auto"),
-    # merge the LoRA adapter into its weights while generating (vizer/merged_generation.py): auto = where exact
+    # merge the LoRA adapter into its weights while generating (vizer/fast/merged_generation.py): auto = where exact
     # (float32 weights, plain Linear layers, no LoRA dropout); true; false
     "merge_for_generation": ((str, bool), "auto"),
 }
@@ -111,7 +111,9 @@ GRPO_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "images_per_step": ((int,), None),  # images per optimizer step over all processes, G captions each
     "vllm_force": ((bool,), False),  # run use_vllm where it is known to be wrong (vizer/scale.py says why)
 }
-# Caption health warnings (vizer/monitor.py): thresholds relative to the run's first logged steps.
+# Caption health warnings (vizer/watch/monitor.py): thresholds relative to the run's first logged steps.
+# The signals `monitor.stop_on` may name; the schema owns them so that checking a recipe needs no monitor.
+SIGNALS = ("length", "repetition", "canary")
 MONITOR_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "baseline_steps": ((int,), 5),  # logged steps averaged into the baseline, and into each later comparison
     "length_ratio": (_NUM, 2.0),  # warn when mean words reach this multiple of the baseline
@@ -562,8 +564,6 @@ def validate(raw: dict) -> dict:
 
 def check_monitor(section: dict) -> dict:
     """The monitor section with its defaults; every `stop_on` entry a known signal."""
-    from vizer.monitor import SIGNALS
-
     monitor = _check_section(section, MONITOR_SCHEMA, "monitor.")
     for i, signal in enumerate(monitor["stop_on"]):
         if signal not in SIGNALS:

@@ -80,7 +80,7 @@ def merge(run: Path, out: Path | None = None) -> Path:
     for folder in (out, partial, replaced):  # before minutes of loading: refuse what is not ours to remove
         _check_out(folder, out)
     weights = fingerprint(adapter)  # the weights about to be loaded; compared again once the merge is saved
-    from vizer.caption import model_for_adapter  # heavy imports (torch, transformers) only once RUN is known good
+    from vizer.eval.caption import model_for_adapter  # heavy imports (torch, transformers) only once RUN is known good
     from vizer.models import load_with_adapter, pick_dtype
 
     model_cfg, _, _ = model_for_adapter(adapter)  # RUN/recipe.yaml's model section

@@ -1,14 +1,14 @@
 """The runner's GRPOTrainer: TRL's, with
 - the data order made a function of (seed, epoch), so that a resumed run sees the same images at the same steps
   as one that never stopped;
-- each logging step's time split into `timing/*` phases (`vizer.step_timing`), logged with TRL's own metrics;
-- optionally each distinct picture of a step preprocessed once (`preprocess_once`, `vizer.preprocess_once`);
-- the sampled captions' health (`vizer.health`) logged as `health/*` at each logging step;
+- each logging step's time split into `timing/*` phases (`vizer.watch.step_timing`), logged with TRL's own metrics;
+- optionally each distinct picture of a step preprocessed once (`preprocess_once`, `vizer.fast.preprocess_once`);
+- the sampled captions' health (`vizer.eval.health`) logged as `health/*` at each logging step;
 - optionally each group's prompt and image read once by the language model in the log-prob and training forwards
-  (`share_prefix`, `vizer.shared_prefix`), with the training micro-batches cut between whole groups, and
-  prefilled once in generation (`vizer.prefill_once`);
+  (`share_prefix`, `vizer.fast.shared_prefix`), with the training micro-batches cut between whole groups, and
+  prefilled once in generation (`vizer.fast.prefill_once`);
 - optionally the LoRA adapter merged into its weights while generating (`merge_for_generation`,
-  `vizer.merged_generation`).
+  `vizer.fast.merged_generation`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict
 
 from rewards.common import completion_text
-from vizer.health import caption_health
-from vizer.merged_generation import merged_adapter
-from vizer.prefill_once import prefill_once
-from vizer.preprocess_once import PreprocessOnce
-from vizer.shared_prefix import grouped_per_token_logps
-from vizer.step_timing import PhaseClock
+from vizer.eval.health import caption_health
+from vizer.fast.merged_generation import merged_adapter
+from vizer.fast.prefill_once import prefill_once
+from vizer.fast.preprocess_once import PreprocessOnce
+from vizer.fast.shared_prefix import grouped_per_token_logps
+from vizer.watch.step_timing import PhaseClock
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -133,7 +133,7 @@ class CaptionGRPOTrainer(GRPOTrainer):
         self.merge_for_generation = False  # likewise
         self._health = HealthBuffer()
 
-    # -- timing seams: each wraps one upstream method in its phase (see vizer.step_timing) --------------------
+    # -- timing seams: each wraps one upstream method in its phase (see vizer.watch.step_timing) --------------------
 
     def training_step(self, *args: Any, **kwargs: Any):
         with self.clock.phase("forward_backward"):  # the loss forward and backward; generation nests inside
@@ -170,7 +170,7 @@ class CaptionGRPOTrainer(GRPOTrainer):
             return super()._tokenize_prompts(*args, **kwargs)
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any):
-        # with the shared prefix, generation prefills each group's prompt once too (vizer.prefill_once)
+        # with the shared prefix, generation prefills each group's prompt once too (vizer.fast.prefill_once)
         model = self.accelerator.unwrap_model(self.model_wrapped)
         prefilled = model if self.share_prefix else None
         with (

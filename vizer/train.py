@@ -2,7 +2,7 @@
 
 OUT/ holds adapter/ (PEFT adapter), recipe.yaml (resolved recipe), metrics.jsonl (one JSON
 object per logging step), completions/ (GRPO: TRL's sampled captions with their rewards, parquet),
-mapper/ (when the recipe uses ViZer's mapper), canary.jsonl (the canary set's captions, `vizer.canary`),
+mapper/ (when the recipe uses ViZer's mapper), canary.jsonl (the canary set's captions, `vizer.watch.canary`),
 tensorboard/ and checkpoint-N/ folders.
 Re-running into the same OUT resumes; re-running a finished run changes nothing.
 """
@@ -28,18 +28,19 @@ from trl import GRPOConfig
 
 from data import build_dataset
 from rewards.latent import Mapper
-from vizer.canary import Canary, canary_images
-from vizer.caption import report_skipped
 from vizer.config import GRPO_SCHEMA, VIZER_SCHEMA, RecipeError, dump_recipe, needs_mapper
+from vizer.eval.caption import report_skipped
 from vizer.families import detect_family
+from vizer.fast.merged_generation import why_not_merged
+from vizer.fast.preprocess_once import PreprocessOnce
+from vizer.fast.shared_prefix import why_not_shared_prefix
+from vizer.fast.shared_vision import SUPPORTED_FAMILIES as SHARED_FAMILIES
+from vizer.fast.shared_vision import share_vision, why_not_shared
 from vizer.grpo import CaptionGRPOTrainer
 from vizer.mapper import check_mapper, ensure_mapper, mapper_dir
-from vizer.merged_generation import why_not_merged
 from vizer.model_ids import resolve_model_id
 from vizer.models import load_model, lora_config
-from vizer.monitor import Monitor
 from vizer.objective import ViZerTrainer
-from vizer.preprocess_once import PreprocessOnce
 from vizer.recipe_rewards import build_rewards, print_rewards
 from vizer.records import read_records
 from vizer.run_dir import (
@@ -62,9 +63,8 @@ from vizer.scale import (
     report_to,
     sharding,
 )
-from vizer.shared_prefix import why_not_shared_prefix
-from vizer.shared_vision import SUPPORTED_FAMILIES as SHARED_FAMILIES
-from vizer.shared_vision import share_vision, why_not_shared
+from vizer.watch.canary import Canary, canary_images
+from vizer.watch.monitor import Monitor
 
 # TRL still passes the old name to transformers; the message says nothing the user can act on.
 warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*is deprecated", category=FutureWarning)

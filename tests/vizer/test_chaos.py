@@ -12,9 +12,9 @@ from PIL import Image
 from data.images import split_readable
 from rewards import build_reward
 from shapescap.scenes import render, shapes_scenes
-from vizer.caption import caption_folder
 from vizer.cli import main
 from vizer.config import RecipeError
+from vizer.eval.caption import caption_folder
 
 
 def bomb_png() -> bytes:
@@ -71,7 +71,7 @@ def test_every_bad_file_is_skipped_and_counted_none_is_lost(dirty_folder):
 
 
 def test_caption_skips_reports_and_resumes_after_a_crash(dirty_folder, tmp_path, monkeypatch, capsys):
-    import vizer.caption as caption
+    import vizer.eval.caption as caption
 
     out = tmp_path / "captions.jsonl"
     model_cfg = {
@@ -185,7 +185,7 @@ def test_caption_never_adds_captions_of_another_adapter_prompt_or_decoding(tmp_p
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
 
-    import vizer.caption as caption
+    import vizer.eval.caption as caption
     from vizer.models import load_model
 
     folder = tmp_path / "images"

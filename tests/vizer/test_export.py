@@ -13,9 +13,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shapescap.scenes import render, shapes_scenes
 from vizer import export
-from vizer.caption import Decoding, generate_captions, model_for_adapter
 from vizer.cli import main
 from vizer.config import load_recipe
+from vizer.eval.caption import Decoding, generate_captions, model_for_adapter
 from vizer.export import model_card
 from vizer.models import LoadedModel, load_with_adapter
 from vizer.train import train

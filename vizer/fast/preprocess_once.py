@@ -7,7 +7,7 @@ processes only the distinct rows of a call (by content: TRL decodes each copy in
 every row its copy of the result; a second call on the same rows (TRL's second pass) is served from the cache.
 The values are exactly the processor's own, so everything downstream (generation, log-probs, loss) is unchanged.
 
-Layouts (the families of `vizer.shared_vision.SUPPORTED_FAMILIES`):
+Layouts (the families of `vizer.fast.shared_vision.SUPPORTED_FAMILIES`):
 - idefics3: every output is per row (pixel values and masks padded to the batch's largest tile count and size,
   rows/cols lists). The distinct rows of a call are processed together, so the padding is the full batch's.
 - qwen2_vl: all images' patches in one sequence cut by `image_grid_thw`, one grid row per image; nothing is

@@ -12,9 +12,9 @@ from transformers import AutoModelForImageTextToText
 from trl.data_utils import apply_chat_template, prepare_multimodal_messages
 
 from vizer.families import detect_family
+from vizer.fast.preprocess_once import PreprocessOnce
 from vizer.grpo import instance_wrapped
 from vizer.model_ids import resolve_model_id
-from vizer.preprocess_once import PreprocessOnce
 
 
 def pictures() -> list[Image.Image]:

@@ -4,8 +4,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_train import read_metrics, tiny_overrides
 
 from vizer.config import load_recipe
-from vizer.step_timing import KEYS, PhaseClock
 from vizer.train import train
+from vizer.watch.step_timing import KEYS, PhaseClock
 
 
 class FakeTime:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vizer.shared_prefix import RowImages, prompt_groups
+from vizer.fast.shared_prefix import RowImages, prompt_groups
 
 IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_grid_thw")
 

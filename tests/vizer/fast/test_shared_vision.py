@@ -12,8 +12,8 @@ from transformers import AutoModelForImageTextToText
 import vizer.train as runner
 from vizer.config import RecipeError, load_recipe
 from vizer.families import detect_family
+from vizer.fast.shared_vision import share_vision, why_not_shared
 from vizer.model_ids import resolve_model_id
-from vizer.shared_vision import share_vision, why_not_shared
 
 G = 4
 # the language model's attention projections only (both families' vision towers have projections too)

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText
 sys.path.insert(0, str(Path(__file__).parent))
 from test_shared_prefix import FAMILIES, TWO_GROUPS, G, picture, processor  # noqa: E402
 
-import vizer.prefill_once as prefill  # noqa: E402
+import vizer.fast.prefill_once as prefill  # noqa: E402
 from vizer.model_ids import resolve_model_id  # noqa: E402
 
 

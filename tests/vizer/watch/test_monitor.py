@@ -3,21 +3,17 @@
 import html
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from accelerate import PartialState
+from test_train import read_metrics, tiny_overrides
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import read_metrics, tiny_overrides  # noqa: E402
-
-import vizer.grpo  # noqa: E402
-from vizer.canary import paired_standard_error  # noqa: E402
-from vizer.cli import main  # noqa: E402
-from vizer.config import RecipeError, load_recipe  # noqa: E402
-from vizer.monitor import HealthWatch, Monitor  # noqa: E402
-from vizer.train import train  # noqa: E402
+import vizer.grpo
+from vizer.cli import main
+from vizer.config import RecipeError, load_recipe
+from vizer.train import train
+from vizer.watch.canary import paired_standard_error
+from vizer.watch.monitor import HealthWatch, Monitor
 
 
 def rows(lengths, repeated=None):
@@ -242,7 +238,7 @@ def test_the_canary_captions_the_same_eval_images_at_step_0_and_every_n_steps(tm
 
 
 def test_the_canary_page_marks_a_caption_that_changed_since_the_previous_step():
-    from vizer.gallery import render_canary_page
+    from vizer.eval.gallery import render_canary_page
 
     steps = [
         {"step": 0, "images": [{"image_id": "a", "caption": "a red square", "clip_s": 0.5}]},
@@ -278,8 +274,8 @@ def test_stop_on_under_objective_vizer_is_refused_not_ignored(signal, capsys):
 
 
 def test_a_canary_larger_than_the_eval_set_says_how_many_it_measures(capsys):
-    from vizer.canary import canary_images
     from vizer.train import announce_canary
+    from vizer.watch.canary import canary_images
 
     recipe = load_recipe("tiny-shapes", ["monitor.canary=20", "eval_data.limit=3", "monitor.every=5"])
     items = canary_images(recipe)

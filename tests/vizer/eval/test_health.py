@@ -2,7 +2,7 @@
 
 import pytest
 
-from vizer.health import caption_health, names_twice
+from vizer.eval.health import caption_health, names_twice
 
 
 def test_length_and_distinct_ngrams_count_words_across_all_captions():

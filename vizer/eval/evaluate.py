@@ -26,11 +26,11 @@ from data.images import to_rgb
 from data.registry import Source, get_source
 from rewards import build_reward, reward_name
 from rewards.grounding import grounding
-from vizer.caption import Decoding, generate_captions, report_skipped
 from vizer.config import DATA_SCHEMA, RecipeError, load_recipe
-from vizer.gallery import GalleryItem, thumbnail_data_uri, write_gallery
-from vizer.health import caption_health
-from vizer.metrics import clip_scores, reference_scores, text_stats
+from vizer.eval.caption import Decoding, generate_captions, report_skipped
+from vizer.eval.gallery import GalleryItem, thumbnail_data_uri, write_gallery
+from vizer.eval.health import caption_health
+from vizer.eval.metrics import clip_scores, reference_scores, text_stats
 from vizer.model_ids import resolve_model_id
 from vizer.models import check_adapter, load_with_adapter
 from vizer.recipe_rewards import build_rewards

@@ -16,11 +16,11 @@ from transformers import AutoModelForImageTextToText
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head, entropy_from_logits, selective_log_softmax
 
-import vizer.shared_prefix as shared_prefix
+import vizer.fast.shared_prefix as shared_prefix
 from vizer.families import detect_family
+from vizer.fast.shared_prefix import grouped_per_token_logps, lm_tokens, prompt_groups, why_not_shared_prefix
+from vizer.fast.shared_vision import vision_tower
 from vizer.model_ids import resolve_model_id
-from vizer.shared_prefix import grouped_per_token_logps, lm_tokens, prompt_groups, why_not_shared_prefix
-from vizer.shared_vision import vision_tower
 
 FAMILIES = ["idefics3", "qwen2_vl"]
 G = 3

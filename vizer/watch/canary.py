@@ -21,11 +21,11 @@ from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback
 
 from data.images import to_rgb
-from vizer.caption import Decoding, generate_captions
-from vizer.evaluate import EvalImage, clip_scorers, load_eval_set
+from vizer.eval.caption import Decoding, generate_captions
+from vizer.eval.evaluate import EvalImage, clip_scorers, load_eval_set
+from vizer.eval.gallery import render_canary_page, thumbnail_data_uri
+from vizer.eval.metrics import clip_scores
 from vizer.families import Family
-from vizer.gallery import render_canary_page, thumbnail_data_uri
-from vizer.metrics import clip_scores
 from vizer.models import LoadedModel, keep_4bit_layout
 from vizer.run_dir import canary_settings
 

@@ -11,11 +11,11 @@ from PIL import Image
 
 from rewards.phrases import words as phrase_words
 from shapescap.scenes import describe, render, shapes_scenes
-from vizer.caption import Decoding
 from vizer.cli import main
 from vizer.config import load_recipe
-from vizer.evaluate import cache_file
-from vizer.metrics import tokenize
+from vizer.eval.caption import Decoding
+from vizer.eval.evaluate import cache_file
+from vizer.eval.metrics import tokenize
 
 REWARDS = ("grounding", "consistency", "length", "repetition", "degenerate")
 SHAPES = (
@@ -136,12 +136,12 @@ def test_rerun_reads_the_caption_cache_and_loads_no_captioner(evaluated, tiny_ru
     assert [p.name.split("-")[0] for p in caches] == ["base", "tuned"]
     assert all(len(p.read_text().splitlines()) == 6 for p in caches)
 
-    import vizer.evaluate
+    import vizer.eval.evaluate
 
     def no_model(*args, **kwargs):
         raise AssertionError("a cached re-run must not load the captioner")
 
-    monkeypatch.setattr(vizer.evaluate, "load_with_adapter", no_model)
+    monkeypatch.setattr(vizer.eval.evaluate, "load_with_adapter", no_model)
     assert main(["eval", str(tiny_run)]) == 0
     assert json.loads((evaluated / "results.json").read_text())["models"] == before["models"]
 
@@ -247,7 +247,7 @@ def test_user_errors_exit_with_code_2(tiny_run, tmp_path, capsys):
 
 
 def test_a_phrase_grounding_scorer_is_not_an_independent_judge_either():
-    from vizer.evaluate import training_scorers
+    from vizer.eval.evaluate import training_scorers
     from vizer.model_ids import resolve_model_id
 
     recipe = {"rewards": [{"name": "phrase_grounding", "model": "tiny:clip"}, {"name": "length"}]}

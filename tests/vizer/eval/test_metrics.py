@@ -8,7 +8,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from vizer.metrics import reference_scores, text_stats, tokenize, tokenized
+from vizer.eval.metrics import reference_scores, text_stats, tokenize, tokenized
 
 # CIDEr's idf needs a corpus: with one image every n-gram has idf log(1/1) = 0.
 REFS = {

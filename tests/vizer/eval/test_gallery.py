@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vizer.gallery import GalleryItem, render_gallery, thumbnail_data_uri, write_gallery
+from vizer.eval.gallery import GalleryItem, render_gallery, thumbnail_data_uri, write_gallery
 
 CHROMIUM = Path("/usr/bin/chromium")
 

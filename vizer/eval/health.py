@@ -21,7 +21,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 from rewards.guards import repeated_phrases
 from rewards.phrases import object_phrases, phrase_key, words
-from vizer.metrics import distinct_ngrams
+from vizer.eval.metrics import distinct_ngrams
 
 PREFIX = "health/"
 

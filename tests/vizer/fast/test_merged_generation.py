@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_prefill_once import model_of, prompts  # noqa: E402
 from test_shared_prefix import FAMILIES  # noqa: E402
 
-from vizer.merged_generation import merged_adapter, why_not_merged  # noqa: E402
+from vizer.fast.merged_generation import merged_adapter, why_not_merged  # noqa: E402
 
 LANGUAGE = {"idefics3": r".*text_model.*_proj", "qwen2_vl": r".*language_model.*_proj"}
 

@@ -9,7 +9,7 @@ Signals (recipe keys in `monitor:`):
 - `length`: mean words per caption reach `length_ratio` times the baseline.
 - `repetition`: the repeated-phrase rate rises `repeated_margin` above the baseline.
 - `canary`: the reward (the mean of the last `baseline_steps` logged steps) is above its baseline while the
-  canary set's CLIP-S (`vizer.canary`; the judge's when there is one) fell below its first measurement by
+  canary set's CLIP-S (`vizer.watch.canary`; the judge's when there is one) fell below its first measurement by
   `canary_drop` and by twice the standard error of the per-image change. The pictures are fixed, but their
   greedy captions change between checkpoints, and the mean of 16 moves by +-0.1 CLIP-S in runs that improve
   (ShapesCap): a fall within that noise is not a signal.
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
-SIGNALS = ("length", "repetition", "canary")
 WATCHED = {"length": "health/mean_words", "repetition": "health/repeated"}
 REWARD = "reward"  # TRL's logged mean weighted reward
 CANARY_KEYS = ("canary/clip_s", "canary/clip_s_judge")

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
 
 from rewards import build_reward
 from shapescap.scenes import describe, render, shapes_scenes
-from vizer.metrics import clip_scores
+from vizer.eval.metrics import clip_scores
 from vizer.model_ids import resolve_model_id, resolve_reward_entry
 
 
