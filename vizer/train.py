@@ -16,7 +16,10 @@ import os
 import signal
 import threading
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -220,71 +223,96 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
 
 
-def vision_path(setting: str | bool, model: torch.nn.Module, family: str, state: PartialState) -> None:
-    """Share each image's vision features across its group when that is exact; say which path runs."""
-    reason = why_not_shared(model, family) if setting is not False else "model.share_vision is false"
-    if reason is None:
-        share_vision(model, family)
-        state.print("vision: each distinct image encoded once per step, shared by its group (model.share_vision)")
-    elif setting is True:
-        raise RecipeError(f"'model.share_vision' is true, but {reason}; set it to auto or false")
-    else:
-        state.print(f"vision: stock path, every completion encodes its image ({reason})")
+@dataclass(frozen=True)
+class FastPath:
+    """One exact fast path as start-up decides it. `name` starts its start-up line; `key` is the recipe's
+    `model.<key>` (auto: where exact; true: refuse to run otherwise; false: the stock path); `why_not` gives
+    the reason it would not be exact (None: it is); `enable` turns it on."""
+
+    name: str
+    key: str
+    why_not: Callable[[Any, str], str | None]  # (trainer, family)
+    enable: Callable[[Any, str], None]
+    runs: str  # the start-up line's text when it runs
+    stock: str  # ... and when the stock path runs, followed by the reason
+    grpo_only: bool = True
 
 
-def prefix_path(setting: str | bool, trainer: CaptionGRPOTrainer, family: str, state: PartialState) -> None:
-    """Read each group's prompt and image once in the language model's forwards when that is exact; say which
+def _as_training(why_not: Callable[[Any, str], str | None]) -> Callable[[Any, str], str | None]:
+    """Judge the model as it will train and generate: dropout is active only in training mode."""
+
+    def judged(trainer, family: str) -> str | None:
+        was = trainer.model.training
+        trainer.model.train()
+        try:
+            return why_not(trainer, family)
+        finally:
+            trainer.model.train(was)
+
+    return judged
+
+
+def _why_not_merged(trainer, family: str) -> str | None:
+    if trainer.use_vllm:
+        return "vLLM generates, and TRL hands it the merged weights itself"
+    if sharding() in ("fsdp", "zero3"):
+        return f"the weights are sharded ({sharding()}): a merge in place needs each process to hold them whole"
+    return why_not_merged(trainer.accelerator.unwrap_model(trainer.model))
+
+
+def _enable(attribute: str, value: Callable[[], Any]) -> Callable[[Any, str], None]:
+    return lambda trainer, family: setattr(trainer, attribute, value())
+
+
+FAST_PATHS = (
+    FastPath(
+        "vision",
+        "share_vision",
+        lambda trainer, family: why_not_shared(trainer.model, family),
+        lambda trainer, family: share_vision(trainer.model, family),
+        "each distinct image encoded once per step, shared by its group (model.share_vision)",
+        "stock path, every completion encodes its image",
+        grpo_only=False,
+    ),
+    FastPath(  # always exact (the processor's own values are reused), under the same switch as shared vision
+        "preprocessing",
+        "share_vision",
+        lambda trainer, family: None if family in SHARED_FAMILIES else f"not written for the {family} family",
+        _enable("preprocess_once", PreprocessOnce),
+        "each distinct picture processed once per step, reused by its group (model.share_vision)",
+        "stock path, the processor runs on every completion's copy, twice a step",
+    ),
+    FastPath(
+        "language model",
+        "share_prefix",
+        _as_training(lambda trainer, family: why_not_shared_prefix(trainer.model, family)),
+        _enable("share_prefix", lambda: True),
+        "each group's prompt and image read once per forward and prefilled once in generation, its completions "
+        "attend to it (model.share_prefix)",
+        "stock path, every completion re-reads its prompt and image",
+    ),
+    FastPath(
+        "generation",
+        "merge_for_generation",
+        _as_training(_why_not_merged),
+        _enable("merge_for_generation", lambda: True),
+        "the LoRA adapter merged into its weights while sampling (model.merge_for_generation)",
+        "adapter applied unmerged at every token",
+    ),
+)
+
+
+def choose(path: FastPath, setting: str | bool, trainer, family: str, state: PartialState) -> None:
+    """Turn one fast path on where it is exact, refuse a recipe that insists where it is not, and say which
     path runs."""
-    reason = "model.share_prefix is false"
-    if setting is not False:
-        was = trainer.model.training
-        trainer.model.train()  # judged as it will train: dropout is active only then
-        reason = why_not_shared_prefix(trainer.model, family)
-        trainer.model.train(was)
+    reason = path.why_not(trainer, family) if setting is not False else f"model.{path.key} is false"
     if reason is None:
-        trainer.share_prefix = True
-        state.print(
-            "language model: each group's prompt and image read once per forward and prefilled once in generation, "
-            "its completions attend to it (model.share_prefix)"
-        )
+        path.enable(trainer, family)
+        state.print(f"{path.name}: {path.runs}")
     elif setting is True:
-        raise RecipeError(f"'model.share_prefix' is true, but {reason}; set it to auto or false")
+        raise RecipeError(f"'model.{path.key}' is true, but {reason}; set it to auto or false")
     else:
-        state.print(f"language model: stock path, every completion re-reads its prompt and image ({reason})")
-
-
-def merge_path(setting: str | bool, trainer: CaptionGRPOTrainer, state: PartialState) -> None:
-    """Merge the LoRA adapter into its weights while generating when that is exact; say which path runs."""
-    reason = "model.merge_for_generation is false"
-    if setting is not False and trainer.use_vllm:
-        reason = "vLLM generates, and TRL hands it the merged weights itself"
-    elif setting is not False and sharding() in ("fsdp", "zero3"):
-        reason = f"the weights are sharded ({sharding()}): a merge in place needs each process to hold them whole"
-    elif setting is not False:
-        was = trainer.model.training
-        trainer.model.train()  # judged as it will generate: dropout is active only in training mode
-        reason = why_not_merged(trainer.accelerator.unwrap_model(trainer.model))
-        trainer.model.train(was)
-    if reason is None:
-        trainer.merge_for_generation = True
-        state.print("generation: the LoRA adapter merged into its weights while sampling (model.merge_for_generation)")
-    elif setting is True:
-        raise RecipeError(f"'model.merge_for_generation' is true, but {reason}; set it to auto or false")
-    else:
-        state.print(f"generation: adapter applied unmerged at every token ({reason})")
-
-
-def preprocess_path(setting: str | bool, trainer: CaptionGRPOTrainer, family: str, state: PartialState) -> None:
-    """Preprocess each distinct picture of a step once (always exact: the processor's own values are reused),
-    under the same switch as group-shared vision; say which path runs."""
-    if setting is not False and family in SHARED_FAMILIES:
-        trainer.preprocess_once = PreprocessOnce()
-        state.print(
-            "preprocessing: each distinct picture processed once per step, reused by its group (model.share_vision)"
-        )
-    else:
-        why = "model.share_vision is false" if setting is False else f"not written for the {family} family"
-        state.print(f"preprocessing: stock path, the processor runs on every completion's copy, twice a step ({why})")
+        state.print(f"{path.name}: {path.stock} ({reason})")
 
 
 def train(recipe: dict, out_dir: Path) -> Path:
@@ -419,11 +447,9 @@ def _train(recipe: dict, out_dir: Path, args, state: PartialState) -> Path:
         )
     if canary is not None:
         canary.bind(trainer)
-    vision_path(recipe["model"]["share_vision"], trainer.model, loaded.family.name, state)
-    if isinstance(trainer, CaptionGRPOTrainer):
-        preprocess_path(recipe["model"]["share_vision"], trainer, loaded.family.name, state)
-        prefix_path(recipe["model"]["share_prefix"], trainer, loaded.family.name, state)
-        merge_path(recipe["model"]["merge_for_generation"], trainer, state)
+    for path in FAST_PATHS:
+        if isinstance(trainer, CaptionGRPOTrainer) or not path.grpo_only:
+            choose(path, recipe["model"][path.key], trainer, loaded.family.name, state)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except OSError as err:

@@ -147,7 +147,8 @@ def test_merge_true_refuses_what_would_not_be_exact_and_auto_says_why(tmp_path, 
     from vizer.config import RecipeError, load_recipe
 
     dropout = [*tiny_overrides("tiny-shapes"), "model.lora.dropout=0.1", "grpo.max_steps=1"]
-    with pytest.raises(RecipeError, match=r"'model.merge_for_generation' is true, but LoRA dropout is active"):
+    refused = r"'model.merge_for_generation' is true, but model.lora.dropout is 0.1: a merged layer has no dropout"
+    with pytest.raises(RecipeError, match=refused):  # seen in the recipe, before any model loads
         runner.train(load_recipe("tiny-shapes", [*dropout, "model.merge_for_generation=true"]), tmp_path / "true")
     runner.train(load_recipe("tiny-shapes", dropout), tmp_path / "auto")
     assert "generation: adapter applied unmerged at every token (LoRA dropout is active" in capsys.readouterr().out
@@ -170,7 +171,7 @@ def test_sharded_weights_are_not_merged(monkeypatch, capsys, launch, reason):
     from accelerate import PartialState
 
     from vizer.config import RecipeError
-    from vizer.train import merge_path
+    from vizer.train import FAST_PATHS, choose
 
     for key, value in launch.items():
         monkeypatch.setenv(key, value)
@@ -178,11 +179,12 @@ def test_sharded_weights_are_not_merged(monkeypatch, capsys, launch, reason):
     trainer = SimpleNamespace(
         use_vllm=False, model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m), merge_for_generation=False
     )
-    merge_path("auto", trainer, PartialState())
+    merge_path = next(path for path in FAST_PATHS if path.key == "merge_for_generation")
+    choose(merge_path, "auto", trainer, "idefics3", PartialState())
     assert f"generation: adapter applied unmerged at every token ({reason}" in capsys.readouterr().out
     assert trainer.merge_for_generation is False
     with pytest.raises(RecipeError, match=r"'model.merge_for_generation' is true, but the weights are sharded"):
-        merge_path(True, trainer, PartialState())
+        choose(merge_path, True, trainer, "idefics3", PartialState())
     monkeypatch.delenv(next(iter(launch)))  # a plain launch: merged
-    merge_path("auto", trainer, PartialState())
+    choose(merge_path, "auto", trainer, "idefics3", PartialState())
     assert trainer.merge_for_generation is True

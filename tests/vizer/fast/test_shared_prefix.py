@@ -389,7 +389,8 @@ def test_share_prefix_true_refuses_what_would_not_be_exact_and_auto_says_why(tmp
     from vizer.config import RecipeError, load_recipe
 
     dropout = [*tiny_overrides("tiny-shapes"), "model.lora.dropout=0.1", "grpo.max_steps=1"]
-    with pytest.raises(RecipeError, match=r"'model.share_prefix' is true, but dropout is active"):
+    refused = r"'model.share_prefix' is true, but model.lora.dropout is 0.1: a group would share one dropout draw"
+    with pytest.raises(RecipeError, match=refused):  # seen in the recipe, before any model loads
         runner.train(load_recipe("tiny-shapes", [*dropout, "model.share_prefix=true"]), tmp_path / "true")
     runner.train(load_recipe("tiny-shapes", dropout), tmp_path / "auto")
     assert "language model: stock path, every completion re-reads its prompt and image (dropout is active" in (
