@@ -1,6 +1,7 @@
 """The run directory OUT kept trustworthy across kills, crashes and reruns.
 
-- One run at a time: OUT/.lock names the owner (pid, host); a lock whose process is gone is taken over.
+- One run at a time: OUT/.lock is an OS file lock (filelock), released by the kernel when its run dies, however it
+  dies; its content names the owner (pid, host) in the refusal, and a stale lock is taken over.
 - Resume picks the newest COMPLETE checkpoint (trainer_state.json readable and weights present); incomplete
   ones (a kill or a full disk mid-save) are set aside as checkpoint-N.incomplete, never resumed from.
 - A rerun may change only what does not change the run (steps, logging, saving, eval): any other difference
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+from filelock import FileLock, Timeout
 
 from vizer.config import CHECKPOINTING_NAMES, RecipeError, checkpointing_spelling
 from vizer.records import read_records
@@ -54,6 +57,19 @@ WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin"
 
 
 # ---------------------------------------------------------------------------------------------- lock
+# OUT/.lock is a filelock.FileLock: the OS lock (flock) is what says a run holds OUT, and the kernel drops it
+# when its process dies, however it dies; the file's content (pid, host, start) only names the owner.
+# What filelock alone would get wrong, so the content still decides there (tests/vizer/test_run_dir.py pins it):
+# - a lock file that no OS lock backs but that names a live process on this host, or is empty and young: a run
+#   of an earlier runner (pid file only) holds OUT, or is between creating and writing its lock; filelock would
+#   hand OUT to a second run. Such a file is read as before: live pid -> refused; dead pid or an empty file older
+#   than EMPTY_LOCK_S -> taken over.
+# - a lock file written on another host: flock may not reach across hosts (NFS mounted with local_lock), so it
+#   is never taken over from here; the refusal says to delete it if that run is gone.
+# - a filesystem without flock: the content rules alone keep OUT.
+OS_LOCKED = "flock"  # marks content written under the OS lock: once that lock is free, its writer is gone
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -64,56 +80,78 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _in_use(out_dir: Path, path: Path, owner: dict, gone_advice: bool) -> RecipeError:
+    return RecipeError(
+        f"OUT {out_dir} is in use by pid {owner.get('pid', '?')} on {owner.get('host', '?')} "
+        f"(since {owner.get('started', '?')}); wait for it, or train into another OUT"
+        + (f" (delete {path} if that run is gone)" if gone_advice else "")
+    )
+
+
+def _os_lock(path: Path, out_dir: Path) -> FileLock | None:
+    """OUT's OS lock, held; None where the filesystem has no flock. Refuses while another run holds it."""
+    lock = FileLock(path, timeout=0, preserve_lock_file=True)  # the run removes its own file, content checked
+    try:
+        lock.acquire()
+    except Timeout:
+        owner = _settled_lock(path)
+        if not owner:
+            raise RecipeError(
+                f"OUT {out_dir} is being taken by another run (its lock is not written yet); wait for it, or train "
+                "into another OUT"
+            ) from None
+        raise _in_use(out_dir, path, owner, gone_advice=False) from None
+    except OSError as err:
+        if err.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+            return None
+        raise RecipeError(f"OUT {out_dir} is not writable ({err.strerror})") from None
+    return lock
+
+
+def _check_previous(out_dir: Path, path: Path, me: dict) -> None:
+    """Under OUT's OS lock (or where there is none): refuse, or say why OUT is taken over, from what the lock
+    file held before this run."""
+    owner = _settled_lock(path)
+    same_host = owner.get("host") == me["host"]
+    if not owner:
+        if not path.exists():  # its run ended meanwhile
+            return
+        if _age(path) <= EMPTY_LOCK_S:
+            raise RecipeError(
+                f"OUT {out_dir} is being taken by another run (its lock is not written yet); wait for it, or train "
+                "into another OUT"
+            )
+        print(f"{out_dir}: taking over an empty lock left by a run killed while taking it")
+    elif owner.get("lock") == OS_LOCKED and same_host:  # its OS lock is free: its run is gone, whatever its pid
+        print(f"{out_dir}: taking over the lock of a run that is gone (pid {owner.get('pid', '?')})")
+    elif same_host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+        print(f"{out_dir}: taking over the lock of a run that is gone (pid {owner['pid']})")
+    else:
+        raise _in_use(out_dir, path, owner, gone_advice=not same_host)
+
+
 @contextlib.contextmanager
 def locked(out_dir: Path) -> Iterator[None]:
     """Hold OUT for this run; refuse (one line) while another live run holds it."""
     path = out_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(3):
-        try:
-            fd = _create(path, out_dir)
-        except FileExistsError:
-            owner = _settled_lock(path)
-            if not owner and not path.exists():  # its run ended meanwhile
-                continue
-            if not owner and _age(path) > EMPTY_LOCK_S:  # its run was killed between creating and writing it
-                print(f"{out_dir}: taking over an empty lock left by a run killed while taking it")
-                path.unlink(missing_ok=True)
-                continue
-            if not owner:
-                raise RecipeError(
-                    f"OUT {out_dir} is being taken by another run (its lock is not written yet); wait for it, or "
-                    "train into another OUT"
-                ) from None
-            same_host = owner.get("host") == me["host"]
-            if same_host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
-                print(f"{out_dir}: taking over the lock of a run that is gone (pid {owner['pid']})")
-                path.unlink(missing_ok=True)
-                continue
-            raise RecipeError(
-                f"OUT {out_dir} is in use by pid {owner.get('pid', '?')} on {owner.get('host', '?')} "
-                f"(since {owner.get('started', '?')}); wait for it, or train into another OUT"
-                + ("" if same_host else f" (delete {path} if that run is gone)")
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:  # other runs kept taking it
-        raise RecipeError(f"OUT {out_dir} is contended by other runs; train into another OUT")
+    existed = path.exists()  # a file the OS lock just created holds no previous owner
+    lock = _os_lock(path, out_dir)
+    try:
+        if existed:
+            _check_previous(out_dir, path, me)
+        path.write_text(json.dumps({**me, "lock": OS_LOCKED if lock else "pid"}))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     try:
         yield
     finally:
         if _read_lock(path).get("pid") == me["pid"]:
             path.unlink(missing_ok=True)
-
-
-def _create(path: Path, out_dir: Path) -> int:
-    try:
-        return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        raise
-    except OSError as err:  # read-only filesystem or folder: nothing could be saved there
-        raise RecipeError(f"OUT {out_dir} is not writable ({err.strerror})") from None
+        if lock is not None:
+            lock.release()
 
 
 LOCK_WRITE_S = 2.0  # an owner writes its lock right after creating it: an empty one is waited for this long

@@ -249,3 +249,38 @@ def test_a_run_saved_by_an_older_runner_resumes_with_the_new_keys_recorded():
     old = {"model": {"id": "m", "lora": {"r": 8}}, "grpo": {"max_steps": 2}}
     assert recipe_changes(old, new) == (["model.share_vision", "objective", "grpo.max_steps"], [])
     assert recipe_changes({**old, "model": {"id": "m", "lora": {"r": 4}}}, new)[1] == ["model.lora.r"]
+
+
+def test_the_os_lock_decides_a_live_holder_is_refused_and_a_free_one_taken_whatever_its_file_says(tmp_path, capsys):
+    from vizer.run_dir import locked
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from vizer.run_dir import "
+            f"locked; from pathlib import Path\nwith locked(Path({str(out)!r})):\n    print('held', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # the OS lock, not the text, decides
+        with (
+            pytest.raises(RecipeError, match=rf"^OUT {out} is in use by pid 1 on elsewhere .*another OUT$"),
+            locked(out),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # a run of this runner whose pid now belongs to a live process (here: ours): its OS lock is free, it is gone
+    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename, "lock": "flock"}))
+    with locked(out):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert f"taking over the lock of a run that is gone (pid {os.getppid()})" in capsys.readouterr().out
+    assert not (out / ".lock").exists()
