@@ -7,12 +7,16 @@ Score (option `score`):
   of the call, topped up with recently seen ones), so a generic caption that fits anything earns ~0.
 
 Each distinct image is encoded once per call (the G completions of a group share it), and image embeddings
-are kept in a bounded LRU cache keyed by `image_id` (or by the pixels when there is no id).
+are kept in a bounded LRU cache keyed by `image_id` (or by the pixels when there is no id). There is one such
+cache per loaded scorer, shared by every reward built on it through `grounding(...)` (`phrase_grounding`,
+`counterfactual_grounding`, the eval's scorers): with several of them on, a step still encodes each distinct
+image once.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -47,6 +51,7 @@ class GroundingReward(Reward):
         negatives: int = 32,
         device: str = "cpu",
         share_images: bool = True,
+        cache: LRUCache | None = None,
     ) -> None:
         if score not in ("clip_s", "cosine", "contrastive"):
             raise ValueError(f"grounding: unknown score {score!r}; expected clip_s, cosine or contrastive")
@@ -56,7 +61,7 @@ class GroundingReward(Reward):
         self.image_processor = image_processor
         self.score_kind, self.prefix, self.w = score, prefix.strip(), float(w)
         self.batch_size, self.negatives = max(1, int(batch_size)), max(0, int(negatives))
-        self.cache = LRUCache(cache_size)
+        self.cache = LRUCache(cache_size) if cache is None else cache  # None: a cache of its own
         self.share_images = share_images  # False only to measure the cost of encoding per completion
         self.floor = {"clip_s": 0.0, "cosine": -1.0, "contrastive": -self.w}[score]
         self.dtype = next(self.model.parameters()).dtype
@@ -158,6 +163,20 @@ class GroundingReward(Reward):
         return sims / counts.clamp(min=1)
 
 
+# scorer model -> its image-embedding cache; an embedding depends only on the scorer and the image
+_IMAGE_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_image_cache(scorer: Any, size: int) -> LRUCache:
+    """The one image-embedding cache of a loaded scorer, holding as many as its largest user asks for; size 0:
+    a cache of one's own that keeps nothing."""
+    if size <= 0:
+        return LRUCache(0)
+    cache = _IMAGE_CACHES.setdefault(scorer, LRUCache(size))
+    cache.maxsize = max(cache.maxsize, int(size))
+    return cache
+
+
 @functools.lru_cache(maxsize=4)
 def load_scorer(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any, Any]:
     """Model, tokenizer and image processor of a CLIP/SigLIP-style checkpoint (hub id or folder). Loaded once
@@ -195,7 +214,7 @@ def grounding(
         w: CLIP-S scale.
         negatives: for `contrastive`, how many recently seen images to add as negatives.
         batch_size: encoder batch size.
-        cache_size: image embeddings kept across steps (0 disables the cache).
+        cache_size: image embeddings kept across steps, in the scorer's one cache (0: none kept for this reward).
         dtype: scorer precision.
         device: where the scorer runs (the training device by default).
     """
@@ -208,7 +227,7 @@ def grounding(
         prefix=prefix,
         w=w,
         batch_size=batch_size,
-        cache_size=cache_size,
         negatives=negatives,
         device=device,
+        cache=shared_image_cache(scorer, cache_size),
     )

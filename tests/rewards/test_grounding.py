@@ -95,9 +95,11 @@ def test_contrastive_ranks_a_generic_caption_below_a_specific_one(contrastive):
 
 
 def test_contrastive_borrows_recent_images_when_a_call_has_one_image():
-    func = build_reward(
+    shared = build_reward(
         resolve_reward_entry({"name": "grounding", "model": "tiny:shapes-clip", "score": "contrastive"})
     )
+    # a cache of its own, empty: the scorer's shared one already holds the images of earlier tests
+    func = type(shared)(shared.model, shared.tokenizer, shared.image_processor, score="contrastive")
     scenes = shapes_scenes("test", 17)
     image = render(scenes[0])
     specific, generic = caption(scenes[0].objects, sizes=False), "some shapes"
@@ -109,7 +111,9 @@ def test_contrastive_borrows_recent_images_when_a_call_has_one_image():
 
 
 def test_each_distinct_image_is_encoded_once_and_cached():
-    func = build_reward(resolve_reward_entry({"name": "grounding", "model": "tiny:shapes-clip", "cache_size": 3}))
+    shared = build_reward(resolve_reward_entry({"name": "grounding", "model": "tiny:shapes-clip"}))
+    # a bounded cache of its own: the scorer's shared one is as large as its largest user asks
+    func = type(shared)(shared.model, shared.tokenizer, shared.image_processor, cache_size=3)
     scenes = shapes_scenes("test", 4)
     images = [render(s) for s in scenes]
     texts = [caption(s.objects) for s in scenes]
@@ -148,7 +152,8 @@ def test_mixed_cached_and_fresh_images_each_get_their_own_embedding(with_ids):
     """Cache hits and fresh encodes, in shuffled order, score exactly as a reward with no cache at all."""
     import random
 
-    cached = build_reward(resolve_reward_entry({"name": "grounding", "model": "tiny:shapes-clip"}))
+    shared = build_reward(resolve_reward_entry({"name": "grounding", "model": "tiny:shapes-clip"}))
+    cached = type(shared)(shared.model, shared.tokenizer, shared.image_processor)  # empty: earlier tests fill shared
     # the reference encodes every completion's own image, in order: no sharing, no cache, no row mapping
     uncached = type(cached)(cached.model, cached.tokenizer, cached.image_processor, share_images=False)
     scenes = shapes_scenes("test", 8)
@@ -254,3 +259,33 @@ def test_shapes_clip_training_is_deterministic_and_cached(tmp_path, monkeypatch)
     sc.train(sc.ShapesClipConfig(**small), again)
     first, second = load_file(f"{folder}/model.safetensors"), load_file(f"{again}/model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_grounding_rewards_on_one_scorer_encode_each_distinct_image_once_per_step(monkeypatch):
+    """grounding and phrase_grounding (and counterfactual_grounding) read one image cache per scorer."""
+    import uuid
+
+    entries = [
+        {"name": "grounding", "model": "tiny:shapes-clip"},
+        {"name": "phrase_grounding", "model": "tiny:shapes-clip"},
+    ]
+    rewards = [build_reward(resolve_reward_entry(e)) for e in entries]
+    scorer = rewards[0].model
+    assert rewards[1].scorer.model is scorer and rewards[1].scorer.cache is rewards[0].cache
+    encoded = []
+    real = scorer.get_image_features
+    monkeypatch.setattr(
+        scorer, "get_image_features", lambda **kw: encoded.append(len(kw["pixel_values"])) or real(**kw)
+    )
+    scenes = shapes_scenes("test", 3)
+    images = [render(s) for s in scenes]
+    run = uuid.uuid4().hex  # ids no earlier test has cached
+    per_step = []
+    for pictures in ([0, 1], [0, 1, 2]):  # two steps, G=4: the second repeats two pictures and adds one
+        rows = [k for k in pictures for _ in range(4)]
+        texts, ids = [caption(scenes[k].objects) for k in rows], [f"{run}/{k}" for k in rows]
+        before = sum(encoded)
+        for reward in rewards:
+            call(reward, texts, [images[k].copy() for k in rows], ids)
+        per_step.append(sum(encoded) - before)
+    assert per_step == [2, 1], "one encode per distinct image per step, whatever the number of rewards"
