@@ -373,3 +373,20 @@ def test_push_hub_error_is_one_line(run_copy, hub, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: push: {REPO}: 403 Forbidden") and "hf auth login" in err and "\n" not in err
     assert not list(run_copy.glob(".push-*")), "the staging folder is removed"
+
+
+def test_a_qwen2_vl_merge_captions_like_its_adapter(tmp_path, images):
+    # Qwen2-VL: M-RoPE positions and an image processor loaded without torchvision, through the merged folder
+    out = tmp_path / "qwen"
+    overrides = [*tiny_overrides("qwen2vl-openimages"), "grpo.learning_rate=5.0e-2"]
+    train(load_recipe("qwen2vl-openimages", overrides), out)
+    assert main(["merge", str(out)]) == 0
+    model_cfg, prompt, _ = model_for_adapter(out / "adapter")
+    assert model_cfg["id"] == "tiny:qwen2_vl"
+    adapter = load_with_adapter(model_cfg, str(out / "adapter"))
+    merged = load_with_adapter({**model_cfg, "id": str(out / "merged")}, None)
+    assert merged.family.name == "qwen2_vl" and not any("lora" in n for n, _ in merged.model.named_parameters())
+    decoding = Decoding(max_new_tokens=8, batch_size=4)
+    assert generate_captions(merged, images, prompt, decoding) == generate_captions(adapter, images, prompt, decoding)
+    base = load_with_adapter(model_cfg, None)
+    assert (logits(merged, images[0]) - logits(base, images[0])).abs().max() > 1e-2, "the merged model is the base"
