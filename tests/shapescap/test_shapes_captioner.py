@@ -36,13 +36,23 @@ def test_flawed_captions_drop_objects_and_swap_colours():
     assert all(c.split()[2] in COLOURS for c in captions)
 
 
-def test_token_labels_follow_the_object():
-    scene = Scene((ShapeObject("red", "square", "large", 0.3, 0.3),))
+def test_token_labels_follow_the_object_and_carry_order_and_count():
+    scene = Scene((ShapeObject("red", "square", "large", 0.3, 0.3), ShapeObject("blue", "circle", "small", 0.8, 0.8)))
     labels = sc.token_labels(scene)
-    assert labels.shape == (16, 3)
-    assert labels[1 * 4 + 1].tolist() == [0, 1, 1]  # the cell under the centre: red, square, large
-    assert labels[15].tolist() == [6, 3, 2]  # the far corner is background
+    assert labels.shape == (16, len(sc.CLASSES))
+    # the cell under the first object's centre: red, square, large, first in order; two objects
+    assert labels[1 * 4 + 1, :5].tolist() == [0, 1, 1, 0, 1]
+    assert labels[15, :5].tolist() == [2, 0, 0, 1, 1]  # the far corner holds the second: blue small circle
+    assert labels[3, :5].tolist() == [6, 3, 2, 3, 1]  # top right is background; the count is on every token
     assert sc.coverage(scene)[0].sum() > 1  # the object spans more than one cell
+
+
+def test_object_pooling_weights_each_object_by_its_cells():
+    scenes = [Scene((ShapeObject("red", "square", "large", 0.3, 0.3),))]
+    weights, labels = sc._object_pooling(scenes)
+    assert weights.shape == (1, sc.MAX_OBJECTS, 16) and float(weights[0, 0].sum()) == pytest.approx(1.0)
+    assert float(weights[0, 1:].abs().sum()) == 0.0 and labels[0, 1:].eq(-100).all()
+    assert labels[0, 0].tolist() == [0, 1, 1, 0]
 
 
 def test_tiny_budget_build_loads_and_captions_with_the_chat_template(tmp_path):
@@ -51,9 +61,10 @@ def test_tiny_budget_build_loads_and_captions_with_the_chat_template(tmp_path):
     folder = sc.build_shapes_captioner(tmp_path, **TINY_BUDGET)
     info = json.loads((folder / sc.MARKER).read_text())
     assert {"perception", "captions", "build_seconds", "params"} <= info.keys()
-    assert 0.0 <= info["perception"]["shape_accuracy"] <= 1.0
+    probes = ("colour_accuracy", "shape_accuracy", "size_accuracy", "order_accuracy", "count_accuracy")
+    assert all(0.0 <= info["perception"][p] <= 1.0 for p in probes)  # the build records every probe
     assert "object_recall" in info["captions"]["greedy"] and "hallucination" in info["captions"]["sampled"]
-    assert folder.name.startswith("captioner-v1-")  # a non-default recipe never takes the default's place
+    assert folder.name.startswith(f"captioner-{sc.VERSION}-")  # a non-default recipe never takes the default's place
 
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
