@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 import shapescap  # noqa: F401  (registers the shapes source and models)
 from shapescap.captions import RANKING_KINDS
@@ -59,10 +63,21 @@ REPORTED = [
     "clip_s_judge",
 ]
 # name -> (recipe, label, overrides); every recipe reads the same base captioner, data and eval set.
-WHOLE_CAPTION = (  # the rewards of shapes-grpo after grounding and consistency
-    "{name: length, weight: 0.2, min_words: 3, max_words: 24}, {name: repetition, weight: 1.0}, "
-    "{name: degenerate, weight: 1.0}"
-)
+ADD_REWARD = "+rewards="  # a method's override that appends one reward entry to its recipe's own list
+
+
+def expand_overrides(recipe: str, extra: list[str]) -> list[str]:
+    """A method's overrides with each `+rewards={entry}` turned into the recipe's reward list plus that entry, so
+    a method reads its recipe's rewards instead of spelling them out again."""
+    out = []
+    for item in extra:
+        if item.startswith(ADD_REWARD):
+            entries = [*load_recipe(recipe)["rewards"], yaml.safe_load(item.removeprefix(ADD_REWARD))]
+            item = "rewards=" + yaml.safe_dump(entries, default_flow_style=True, width=10**6).strip()
+        out.append(item)
+    return out
+
+
 METHODS = {
     "phrases": (RECIPE, "GRPO + phrase rewards", []),
     "grpo": ("shapes-grpo", "GRPO", []),
@@ -76,10 +91,7 @@ METHODS = {
     "phrase-grounding": (
         "shapes-grpo",
         "GRPO + phrase grounding",
-        [
-            "rewards=[{name: grounding, weight: 1.0, model: 'tiny:shapes-clip'}, {name: consistency, weight: 0.5}, "
-            f"{WHOLE_CAPTION}, {{name: phrase_grounding, weight: 0.3, model: 'tiny:shapes-clip'}}]"
-        ],
+        [ADD_REWARD + "{name: phrase_grounding, weight: 0.3, model: 'tiny:shapes-clip'}"],
     ),
     # not zero-label: the winning rewards with phrase_grounding replaced by a penalty that reads the scene truth,
     # i.e. a perfect precision signal; the ceiling of what any precision reward can give this captioner
@@ -94,6 +106,10 @@ METHODS = {
         "phrase rewards, normalize_then_sum",
         ["grpo.multi_objective_aggregation=normalize_then_sum"],
     ),
+    # each object phrase against wrong variants of itself (colour, size, count or noun swapped)
+    "counterfactual": ("shapes-counterfactual", "GRPO + counterfactual phrase grounding", []),
+    # completeness and correctness as two rewards, normalised apart; no coverage for long captions with a refuted object
+    "precision-coverage": ("shapes-precision-coverage", "counterfactual precision + coverage, normalize_then_sum", []),
     "vizer-g": ("shapes-vizer-g", "ViZer-G", []),
     "vizer-gt": ("shapes-vizer-gt", "ViZer-GT", []),
     "grpo-latent": ("shapes-grpo-latent", "GRPO + latent", []),
@@ -192,6 +208,44 @@ def ceiling_run(out: Path, overrides: list[str], recipe: str = RECIPE) -> Path:
     model.save_pretrained(out / "adapter")  # written last: its config marks a complete ceiling run
     print(f"[ceiling] SFT on true captions: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training run (or the label ceiling) and its evaluation."""
+
+    label: str
+    run: Path
+    overrides: list[str]
+    recipe: str = RECIPE
+    ceiling: bool = False
+
+
+def _run_job(job: Job, threads: int | None = None) -> dict[str, dict]:
+    import torch
+
+    if threads:  # several jobs at once: one thread each, and TRL's progress bars would interleave
+        torch.set_num_threads(threads)
+        os.environ["TQDM_DISABLE"] = "1"
+    start = time.time()
+    if job.ceiling:
+        result = evaluate_run(ceiling_run(job.run, job.overrides, job.recipe), job.overrides)
+    else:
+        result = train_and_eval(job.run, job.overrides, job.recipe)
+    print(f"[{job.label}] trained and evaluated in {time.time() - start:.0f} s ({job.run})", flush=True)
+    return result
+
+
+def run_jobs(jobs: list[Job], workers: int) -> list[dict[str, dict]]:
+    """Results of each job in order; `workers` > 1 runs them in as many processes, one thread each."""
+    if workers <= 1 or len(jobs) == 1:
+        return [_run_job(job) for job in jobs]
+    for job in jobs:
+        print(f"[{job.label}] queued ({job.run})", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        futures = [pool.submit(_run_job, job, 1) for job in jobs]
+        return [f.result() for f in futures]
 
 
 def evaluate_run(run: Path, overrides: list[str]) -> dict[str, dict]:
@@ -302,12 +356,20 @@ def method_table(results: dict[str, list[dict]], labels: dict[str, str]) -> str:
 def ranking_table(mappers: dict[str, Path], n: int = 200) -> str:
     """How often each scorer prefers the true caption of a held-out scene over a wrong one, per error kind."""
     rows = {"shapes CLIP (grounding reward)": clip_ranking(resolve_model_id("tiny:shapes-clip"), n)}
-    # the image-based rewards of the winning recipe, alone and as it weighs them (ties count half)
-    image_rewards = [e for e in load_recipe(RECIPE)["rewards"] if e["name"] in ("grounding", "phrase_grounding")]
-    rows["phrase_grounding (leave-one-out penalty)"] = reward_ranking(
-        [{**e, "weight": 1.0} for e in image_rewards if e["name"] == "phrase_grounding"], n
-    )
-    rows["grounding + phrase_grounding, as weighed"] = reward_ranking(image_rewards, n)
+    # each image-based phrase reward alone and as its recipe weighs it beside grounding (ties count half: a
+    # penalty-only reward scores many pairs alike)
+    clip = "tiny:shapes-clip"
+    grounding_entry = {"name": "grounding", "weight": 1.0, "model": clip}
+    for label, entry in (
+        ("phrase_grounding (leave-one-out penalty)", {"name": "phrase_grounding", "weight": 0.3, "model": clip}),
+        (
+            "counterfactual_grounding (sum)",
+            {"name": "counterfactual_grounding", "weight": 1.0, "mode": "sum", "model": clip},
+        ),
+        ("counterfactual_grounding (penalty)", {"name": "counterfactual_grounding", "weight": 0.5, "model": clip}),
+    ):
+        rows[label] = reward_ranking([{**entry, "weight": 1.0}], n)
+        rows[f"grounding + {label.split(' ')[0]} at {entry['weight']}"] = reward_ranking([grounding_entry, entry], n)
     for label, folder in mappers.items():
         rows[f"mapper {label} (latent reward)"] = mapper_ranking(folder, n)
     lines = ["| scorer | " + " | ".join(RANKING_KINDS) + " |", "|---|" + "---:|" * len(RANKING_KINDS)]
@@ -352,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METHOD",
         help=f"compare training methods side by side (any of {', '.join(METHODS)}); the table goes to summary.md",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2: one per core here)"
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. grpo.max_steps=50")
     args = parser.parse_args(argv)
     if args.methods:  # `--methods a b key=value`: the overrides after the methods are still overrides
@@ -365,22 +430,23 @@ def main(argv: list[str] | None = None) -> int:
         load_recipe(RECIPE, args.overrides)  # fail on a bad override before minutes of building
         build_parts()
         built = time.time()
-        per_seed = []
-        for seed in args.seeds:
-            print(f"[grpo] seed {seed}", flush=True)
-            per_seed.append(train_and_eval(args.out / f"seed{seed}", [*args.overrides, f"grpo.seed={seed}"]))
+        jobs = [
+            Job(f"{RECIPE} seed {s}", args.out / f"seed{s}", [*args.overrides, f"grpo.seed={s}"]) for s in args.seeds
+        ]
+        # the label ceiling runs beside the seeds: a job of its own
+        jobs.append(Job("ceiling (labels)", args.out / "ceiling", args.overrides, ceiling=True))
+        *per_seed, ceiling = run_jobs(jobs, args.jobs)
         report = [
             f"# ShapesCap: zero-label GRPO ({RECIPE}), base vs tuned ({len(args.seeds)} seeds: {args.seeds})",
             "",
             summary_table(per_seed),
         ]
-        print("[ceiling] the recipe's LoRA trained on the true captions (labels)", flush=True)
-        ceiling = evaluate_run(ceiling_run(args.out / "ceiling", args.overrides), args.overrides)
         report += ["", share_line(per_seed, ceiling)]
         if args.methods:
             results, mappers = {}, {}
             for method in args.methods:
                 recipe, _, extra = METHODS[method]
+                extra = expand_overrides(recipe, extra)
                 if recipe == RECIPE and not extra:  # the runs plain `make demo` just made
                     results[method] = per_seed
                     continue
@@ -388,12 +454,16 @@ def main(argv: list[str] | None = None) -> int:
                 if mapper:
                     folder = Path(mapper[0].split("=", 1)[1])
                     mappers.setdefault(folder.name.split("-")[0], folder)
-                results[method] = []
-                for seed in args.seeds:
-                    print(f"[{method}] seed {seed}", flush=True)
-                    run = args.out / method / f"seed{seed}"
-                    overrides = [*args.overrides, *extra, *mapper, seed_override(recipe, seed)]
-                    results[method].append(train_and_eval(run, overrides, recipe))
+                seeds = [
+                    Job(
+                        f"{method} seed {seed}",
+                        args.out / method / f"seed{seed}",
+                        [*args.overrides, *extra, *mapper, seed_override(recipe, seed)],
+                        recipe,
+                    )
+                    for seed in args.seeds
+                ]
+                results[method] = run_jobs(seeds, args.jobs)
             labels = {m: METHODS[m][1] for m in results}
             results["ceiling"], labels["ceiling"] = [ceiling], CEILING_LABEL
             report += [

@@ -1,5 +1,7 @@
 """The demo's before/after table judges each target from the measured numbers."""
 
+import pytest
+
 from shapescap.demo import summary_table
 
 
@@ -74,3 +76,27 @@ def test_a_run_folder_of_another_recipe_is_refused_not_reused(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(load_recipe("shapes-grpo")))
     with pytest.raises(RecipeError, match="another recipe"):
         train_and_eval(tmp_path, [], recipe="shapes-phrases")
+
+
+def test_ceiling_share_is_the_part_of_the_label_gain_reached():
+    from shapescap.demo import ceiling_share, share_line
+
+    assert ceiling_share(0.5, 0.8, 0.9) == pytest.approx(0.75)
+    assert ceiling_share(0.5, 0.4, 0.9) == pytest.approx(-0.25)  # worse than the base: a negative share
+    assert ceiling_share(0.5, 0.6, 0.5) is None  # a ceiling that gains nothing leaves no share to speak of
+    seeds = [seed_result({"shapes/object_recall": 0.5}, {"shapes/object_recall": t}) for t in (0.7, 0.8)]
+    ceiling = seed_result({"shapes/object_recall": 0.5}, {"shapes/object_recall": 0.9})
+    line = share_line(seeds, ceiling)
+    assert "0.62" in line and "base 0.500" in line and "zero-label 0.750" in line and "0.900" in line
+
+
+def test_a_method_that_adds_a_reward_reads_the_rest_from_its_recipe():
+    from shapescap.demo import ADD_REWARD, expand_overrides
+    from vizer.config import load_recipe
+
+    extra = [ADD_REWARD + "{name: phrase_grounding, weight: 0.3}", "grpo.beta=0.1"]
+    overrides = expand_overrides("shapes-grpo", extra)
+    recipe = load_recipe("shapes-grpo", overrides)
+    own = load_recipe("shapes-grpo")["rewards"]
+    assert recipe["rewards"][: len(own)] == own and recipe["rewards"][-1]["name"] == "phrase_grounding"
+    assert recipe["grpo"]["beta"] == 0.1

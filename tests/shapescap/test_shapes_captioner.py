@@ -81,12 +81,13 @@ def test_tiny_budget_build_loads_and_captions_with_the_chat_template(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_build_sees_colour_and_shape_and_captions_imperfectly():
+def test_full_build_perceives_every_object_and_captions_weakly():
     folder = sc.build_shapes_captioner()
-    report = sc.perception_report(folder)
-    assert report["colour_accuracy"] >= 0.90
-    assert report["shape_accuracy"] >= 0.90
-    captions = json.loads((folder / sc.MARKER).read_text())["captions"]
-    assert 0.2 < captions["greedy"]["object_recall"] < 0.9  # incomplete, not blind
-    assert captions["sampled"]["hallucination"] > 0.1
+    info = json.loads((folder / sc.MARKER).read_text())
+    perception = info["perception"]
+    for probe in ("colour_accuracy", "shape_accuracy", "size_accuracy", "count_accuracy"):
+        assert perception[probe] >= 0.98, probe  # it sees every object: what it says is the weak part
+    captions = info["captions"]
+    assert captions["greedy"]["object_recall"] <= 0.65  # incomplete where the targets look
+    assert captions["sampled"]["hallucination"] >= 0.25
     assert captions["greedy"]["empty"] < 0.05
