@@ -31,6 +31,8 @@ BUILTINS: dict[str, str] = {
     "phrase_agreement": "rewards.phrase_level:phrase_agreement",
     "counterfactual_grounding": "rewards.counterfactual:counterfactual_grounding",
 }
+# The built-ins that score captions with an image scorer (`model`: a CLIP/SigLIP-style checkpoint).
+IMAGE_SCORER_REWARDS = ("grounding", "phrase_grounding", "counterfactual_grounding")
 RESERVED = ("name", "weight", "id")
 # Filled in by the runner when the factory takes them and the entry does not set them: the training device, the
 # recipe's prompt, the run's trained mapper folder and the recipe's image-processor options (model.processor).

@@ -1,11 +1,12 @@
 """`make demo`: ShapesCap end to end, offline on CPU.
 
 Builds (or reuses) the pretrained parts — the shapes CLIP reward, an independent CLIP judge and
-the weak SFT captioner — trains zero-label GRPO with phrase-level rewards (recipes/shapes-phrases.yaml) for
-several seeds, evaluates base vs tuned on held-out scenes greedy and sampled, and prints the before/after table.
-`--methods` compares training methods side by side (GRPO with whole-caption rewards, each phrase-level
-reward alone, decoupled normalisation, ViZer-G, ViZer-GT, GRPO + latent reward), with the ranking accuracy of
-each scorer (shapes CLIP, the phrase-level rewards, the ViZer mappers) per kind of caption error.
+the weak SFT captioner — trains zero-label GRPO with counterfactual phrase grounding
+(recipes/shapes-counterfactual.yaml) for several seeds beside the label ceiling (the same LoRA trained on the true
+captions), evaluates base vs tuned on held-out scenes greedy and sampled, and prints the before/after table and
+the share of the ceiling's recall gain reached. `--methods` compares training methods side by side (GRPO with
+whole-caption rewards, the phrase-level rewards, precision + coverage, decoupled normalisation, ViZer-G,
+ViZer-GT, GRPO + latent reward), with the ranking accuracy of each scorer per kind of caption error.
 
     python -m shapescap.demo [--seeds 0 1 2] [--out outputs/demo] [--ablation] [--methods ...] [key.sub=value ...]
 """
@@ -37,7 +38,7 @@ from vizer.model_ids import resolve_model_id
 from vizer.run_dir import check_rerun
 from vizer.train import train
 
-RECIPE = "shapes-phrases"
+RECIPE = "shapes-counterfactual"
 CEILING_LABEL = "SFT on the true captions (labels; the ceiling, 1 run)"
 JUDGE = "tiny:shapes-judge"
 # (metric, decoding, direction, target): relative change the issue asks for; None = report only.
@@ -79,7 +80,8 @@ def expand_overrides(recipe: str, extra: list[str]) -> list[str]:
 
 
 METHODS = {
-    "phrases": (RECIPE, "GRPO + phrase rewards", []),
+    "counterfactual": (RECIPE, "GRPO + counterfactual phrase grounding (`make demo`)", []),
+    "phrases": ("shapes-phrases", "GRPO + phrase rewards", []),
     "grpo": ("shapes-grpo", "GRPO", []),
     # hypothesis 1 alone: consistency made phrase-level, as a pure penalty (tau 0.5)
     "phrase-agreement": (
@@ -93,21 +95,19 @@ METHODS = {
         "GRPO + phrase grounding",
         [ADD_REWARD + "{name: phrase_grounding, weight: 0.3, model: 'tiny:shapes-clip'}"],
     ),
-    # not zero-label: the winning rewards with phrase_grounding replaced by a penalty that reads the scene truth,
+    # not zero-label: the winning rewards with their precision reward replaced by a penalty that reads the truth,
     # i.e. a perfect precision signal; the ceiling of what any precision reward can give this captioner
     "oracle": (
         RECIPE,
-        "phrase rewards, truth penalty (diagnostic)",
+        "truth penalty in place of counterfactual grounding (diagnostic)",
         ["rewards.5={name: 'shapescap.oracle:truth_penalty', weight: 1.0}"],
     ),
     # hypothesis 3: decoupled (per-reward) normalisation of the winning rewards
     "normalize": (
         RECIPE,
-        "phrase rewards, normalize_then_sum",
+        "counterfactual rewards, normalize_then_sum",
         ["grpo.multi_objective_aggregation=normalize_then_sum"],
     ),
-    # each object phrase against wrong variants of itself (colour, size, count or noun swapped)
-    "counterfactual": ("shapes-counterfactual", "GRPO + counterfactual phrase grounding", []),
     # completeness and correctness as two rewards, normalised apart; no coverage for long captions with a refuted object
     "precision-coverage": ("shapes-precision-coverage", "counterfactual precision + coverage, normalize_then_sum", []),
     "vizer-g": ("shapes-vizer-g", "ViZer-G", []),
@@ -224,9 +224,8 @@ class Job:
 def _run_job(job: Job, threads: int | None = None) -> dict[str, dict]:
     import torch
 
-    if threads:  # several jobs at once: one thread each, and TRL's progress bars would interleave
+    if threads:  # several jobs at once: one thread each
         torch.set_num_threads(threads)
-        os.environ["TQDM_DISABLE"] = "1"
     start = time.time()
     if job.ceiling:
         result = evaluate_run(ceiling_run(job.run, job.overrides, job.recipe), job.overrides)
@@ -243,9 +242,18 @@ def run_jobs(jobs: list[Job], workers: int) -> list[dict[str, dict]]:
     for job in jobs:
         print(f"[{job.label}] queued ({job.run})", flush=True)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        futures = [pool.submit(_run_job, job, 1) for job in jobs]
-        return [f.result() for f in futures]
+    # progress bars of parallel jobs would interleave: the workers, spawned with this environment, start without
+    # them (tqdm reads the variable when imported); each job prints a line when it is done
+    os.environ["TQDM_DISABLE"], before = "1", os.environ.get("TQDM_DISABLE")
+    try:
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            futures = [pool.submit(_run_job, job, 1) for job in jobs]
+            return [f.result() for f in futures]
+    finally:
+        if before is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def evaluate_run(run: Path, overrides: list[str]) -> dict[str, dict]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from rewards.registry import IMAGE_SCORER_REWARDS
 from vizer.config import load_recipe
 from vizer.train import train
 
@@ -36,7 +37,7 @@ def tiny_overrides(recipe_name: str) -> list[str]:
         "grpo.learning_rate=1.0e-3",
     ]
     for i, entry in enumerate(recipe["rewards"]):
-        if entry["name"] in ("grounding", "phrase_grounding"):  # the rewards that take an image scorer
+        if entry["name"] in IMAGE_SCORER_REWARDS:  # the rewards that take an image scorer
             overrides.append(f"rewards.{i}.model=tiny:clip")
     if recipe["eval_data"] is not None:  # the canary set: a couple of eval images, scored by a tiny CLIP
         overrides += ["monitor.canary=2", "eval.scorer=tiny:clip", "eval.judge=null"]

@@ -26,6 +26,7 @@ from data.images import to_rgb
 from data.registry import Source, get_source
 from rewards import build_reward, reward_name
 from rewards.grounding import grounding
+from rewards.registry import IMAGE_SCORER_REWARDS
 from vizer.config import DATA_SCHEMA, RecipeError, load_recipe
 from vizer.eval.caption import Decoding, generate_captions, report_skipped
 from vizer.eval.gallery import GalleryItem, thumbnail_data_uri, write_gallery
@@ -275,13 +276,9 @@ def score_model(
 
 
 def training_scorers(recipe: dict) -> set[str]:
-    """The resolved models the image-scoring rewards (grounding, phrase_grounding) trained against."""
+    """The resolved models the image-scoring rewards (grounding and the phrase-level ones) trained against."""
     default = inspect.signature(grounding).parameters["model"].default
-    return {
-        resolve_model_id(e.get("model", default))
-        for e in recipe["rewards"]
-        if e["name"] in ("grounding", "phrase_grounding")
-    }
+    return {resolve_model_id(e.get("model", default)) for e in recipe["rewards"] if e["name"] in IMAGE_SCORER_REWARDS}
 
 
 def report_notes(recipe: dict, items: Sequence[EvalImage], skipped: int, gallery_note: str | None) -> list[str]:
