@@ -15,9 +15,9 @@ def tiny_captioner(tmp_path_factory):
 
 def test_training_on_the_true_captions_moves_the_adapter_and_lowers_the_loss(tiny_captioner):
     model, processor = sc.load_captioner(tiny_captioner)
-    tuned, losses = ceiling.train_on_true_captions(model, processor, steps=25, scenes=8, batch=8, lr=1e-2)
-    assert len(losses) == 25
-    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5  # it learns the eight captions
+    tuned, losses = ceiling.train_on_true_captions(model, processor, steps=60, scenes=8, batch=8, lr=3e-2)
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < min(losses[:10])  # it learns the eight captions: below any early batch
     lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: every one was trained
     assert not any(p.requires_grad for n, p in tuned.named_parameters() if "lora_" not in n)

@@ -42,7 +42,9 @@ def test_a_length_hack_warns_within_a_tenth_of_its_steps_and_stops_there(short_c
     adapter = train(recipe, tmp_path)
 
     warnings = [line for line in said if line.startswith("monitor:")]
-    assert warnings and warnings[0].startswith("monitor: length at step "), said
+    # the hack grows captions by repeating words: the length or the repetition signal catches it first
+    signal = warnings[0].split()[1] if warnings else None
+    assert signal in recipe["monitor"]["stop_on"] and warnings[0].startswith(f"monitor: {signal} at step "), said
     step = int(warnings[0].split()[4].rstrip(":"))
     assert step <= recipe["grpo"]["max_steps"] // 10, warnings[0]
     assert "stopping (monitor.stop_on)" in warnings[0]
