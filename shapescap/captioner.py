@@ -4,11 +4,11 @@ Built in two stages on "sft"-split scenes, deterministically, and cached like th
 
 1. Perception first. A captioner SFT-trained end to end was shape-blind (its shape word did not depend on
    the image), and no reward can teach a blind model. So the vision encoder and connector are trained alone
-   with a dense objective: each of the 64 image tokens (one 8x8-pixel cell) predicts the colour, shape and size
-   of the object covering most of its cell, that object's place in left-to-right order, and how many objects
-   the scene holds, through a throwaway linear head. (v1 had 16 tokens of 16x16 pixels and no order or count:
-   a small object could own no cell at all, and even trained on the true captions its language model named
-   an earlier object again where it could not find the third.)
+   with a dense objective: each of the 16 image tokens (one 16x16-pixel cell) predicts the colour, shape and
+   size of the object covering most of its cell, that object's place in left-to-right order and how many
+   objects the scene holds, and each object is read from its own tokens (coverage-weighted), through throwaway
+   linear heads. (v1 learnt colour, shape and size only: even trained on the true captions, its language model
+   named an earlier object again where it could not find the third.)
 2. Flawed SFT. With the vision side frozen, the language model learns to caption from *flawed* captions in
    `describe()` format (sizes included): half of multi-object captions name only the leftmost object, a
    quarter of colour words are wrong. The result writes fluent, incomplete, partly wrong captions.
