@@ -128,11 +128,15 @@ class CounterfactualGroundingReward(Reward):
         self.max_variants, self.max_phrases, self.group_column = int(max_variants), int(max_phrases), group_column
         self.scale: float | None = None  # the typical margin of a verified phrase, carried across calls
 
-    def margins(self, texts: list[str | None], images: list[Any], ids: list[Any] | None) -> list[list[float | None]]:
-        """Per caption, per object phrase: S(caption) - max S(variant), or None for a phrase without variants."""
-        queries, owner, layout = [], [], []
+    def margins(
+        self, texts: list[str | None], images: list[Any], ids: list[Any] | None
+    ) -> list[list[tuple[str, float | None]]]:
+        """Per caption, per object phrase: (its phrase_key, S(caption) - max S(variant)), the margin None for a
+        phrase without variants."""
+        queries, owner, layout, keys = [], [], [], []
         for i, text in enumerate(texts):
             phrases = phrase_variants(text, self.max_variants)[: self.max_phrases] if text else []
+            keys.append([phrase_key(p) for p, _ in phrases])
             layout.append([len(v) for _, v in phrases])
             if any(layout[-1]):
                 queries.append(text)
@@ -141,19 +145,19 @@ class CounterfactualGroundingReward(Reward):
                     queries += variants
                     owner += [i] * len(variants)
         if not queries:
-            return [[None] * len(sizes) for sizes in layout]
+            return [[(k, None) for k in row] for row in keys]
         scores = self.scorer.score(
             queries, image=[images[i] for i in owner], image_id=[ids[i] for i in owner] if ids else None
         )
         out, pos = [], 0
-        for sizes in layout:
+        for sizes, row_keys in zip(layout, keys, strict=True):
             if not any(sizes):
-                out.append([None] * len(sizes))
+                out.append([(k, None) for k in row_keys])
                 continue
             full, pos = scores[pos], pos + 1
-            row: list[float | None] = []
-            for n in sizes:
-                row.append(full - max(scores[pos : pos + n]) if n else None)
+            row: list[tuple[str, float | None]] = []
+            for n, key in zip(sizes, row_keys, strict=True):
+                row.append((key, full - max(scores[pos : pos + n]) if n else None))
                 pos += n
             out.append(row)
         return out
@@ -161,21 +165,20 @@ class CounterfactualGroundingReward(Reward):
     def score(self, texts: list[str | None], **kwargs: Any) -> list[float]:
         images, ids = call_images(kwargs, self.__name__)
         margins = self.margins(texts, images, ids)
-        positive = [m for row in margins for m in row if m is not None and m > 0]
+        positive = [m for row in margins for _, m in row if m is not None and m > 0]
         if positive:
             self.scale = statistics.median(positive)
         scale = self.scale or 1.0
         # per caption, per judged phrase: its margin relative to a verified phrase's, capped to [-1, 1]; a repeat
         # of an earlier phrase is never evidence (its first mention still stands), so it counts as refuted
         judged = []
-        for text, row in zip(texts, margins, strict=True):
-            keys = [phrase_key(p) for p in object_phrases(text)[: self.max_phrases]] if text else []
+        for row in margins:
             seen, rel = set(), []
-            for key, margin in zip(keys, row):
+            for key, margin in row:
                 if margin is not None:
                     rel.append(-1.0 if key in seen else max(min(margin / scale, 1.0), -1.0))
                 seen.add(key)
-            judged.append((rel, len(keys)))
+            judged.append((rel, len(row)))
         if self.mode == "penalty":
             scores = [sum(min(r, 0.0) for r in rel) for rel, _ in judged]
         elif self.mode == "sum":
