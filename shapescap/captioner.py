@@ -483,13 +483,10 @@ def _object_features(model, processor, scenes: list[Scene]):
     import torch
 
     tokens = _image_tokens(model, _pixel_values(processor, [render(s) for s in scenes]))
-    feats, labels = [], []
-    for scene, toks in zip(scenes, tokens):
-        cov = torch.as_tensor(coverage(scene), dtype=toks.dtype)
-        feats.append((cov / cov.sum(1, keepdim=True)) @ toks)
-        labels += [(*_attribute_ids(o), order) for order, o in enumerate(scene.objects)]
+    weights, labels = _object_pooling(scenes)  # the same pooling the per-object heads trained on
+    present = labels[..., 0] != -100
     counts = torch.tensor([len(s.objects) - 1 for s in scenes])
-    return torch.cat(feats), torch.tensor(labels), tokens.mean(1), counts
+    return (weights @ tokens)[present], labels[present], tokens.mean(1), counts
 
 
 def _probe_accuracy(x_train, y_train, x_test, y_test, seed: int = 0, steps: int = 300) -> float:
