@@ -114,6 +114,13 @@ METHODS = {
     "vizer-gt": ("shapes-vizer-gt", "ViZer-GT", []),
     "grpo-latent": ("shapes-grpo-latent", "GRPO + latent", []),
     "vizer-g-kl": ("shapes-vizer-g", "ViZer-G + KL 1.0", ["vizer.kl_beta=1.0"]),  # does a KL term to the base help?
+    # the mapper also learns that its captions' own corruptions (a segment repeated, dropped, swapped) fit worse
+    "grpo-latent-hn": (
+        "shapes-grpo-latent",
+        "GRPO + latent, mapper with hard negatives",
+        ["mapper.hard_negatives=1.0"],
+    ),
+    "vizer-g-hn": ("shapes-vizer-g", "ViZer-G, mapper with hard negatives", ["mapper.hard_negatives=1.0"]),
 }
 # The six targets every method is judged by: (metric, decoding, direction, relative change wanted).
 METHOD_TARGETS = [

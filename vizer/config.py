@@ -97,6 +97,10 @@ MAPPER_SCHEMA: dict[str, tuple[tuple, Any]] = {
     "batch_size": ((int,), 64),
     "heldout_fraction": (_NUM, 0.1),
     "seed": ((int,), 0),
+    # weight of a hinge term that keeps each caption closer to its image than its zero-label hard negatives
+    # (a segment of it repeated, dropped, or swapped for another image's); 0: off
+    "hard_negatives": (_NUM, 0.0),
+    "margin": (_NUM, 0.05),  # the cosine gap the hinge asks for
 }
 # Stage B of ViZer: its own knobs; every other key is a transformers.TrainingArguments field.
 VIZER_SCHEMA: dict[str, tuple[tuple, Any]] = {
@@ -169,7 +173,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
         ),
         _POSITIVE,
     ),
-    "mapper.heldout_fraction": _NON_NEGATIVE,
+    **dict.fromkeys(("mapper.heldout_fraction", "mapper.hard_negatives", "mapper.margin"), _NON_NEGATIVE),
     **dict.fromkeys(("monitor.baseline_steps", "monitor.repeated_margin", "monitor.every"), _POSITIVE),
     **dict.fromkeys(("monitor.canary", "monitor.canary_drop"), _NON_NEGATIVE),
     "monitor.length_ratio": (1, False),

@@ -119,6 +119,8 @@ def train_recipe_mapper(recipe: dict, folder: Path) -> Path:
         seed=settings["seed"],
         variant=settings["variant"],
         base_model=resolve_model_id(recipe["model"]["id"]),
+        hard_negatives_weight=settings["hard_negatives"],
+        margin=settings["margin"],
     )
     mapper.save(folder)
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -126,4 +128,9 @@ def train_recipe_mapper(recipe: dict, folder: Path) -> Path:
         f"mapper: held-out cosine {report['heldout_cosine']:.4f} (another image's: "
         f"{report['heldout_shuffled_cosine']:.4f}) on {report['heldout_pairs']} pairs; saved to {folder}"
     )
+    if "heldout_hard_negative_accuracy" in report:
+        print(
+            f"mapper: held-out captions closer to their image than their hard negatives: "
+            f"{report['heldout_hard_negative_accuracy']:.3f}"
+        )
     return folder

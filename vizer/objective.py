@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,6 +147,35 @@ def collect_pairs_generated(
     return pairs
 
 
+# Clause boundaries of a caption: commas, "and", "with", "next to", "beside"; generic, not ShapesCap's words.
+_SEGMENT = re.compile(r"\s*,\s*(?:and\s+)?|\s+(?:and|with|next to|beside)\s+", re.IGNORECASE)
+
+
+NEGATIVE_ACCURACY = "heldout_hard_negative_accuracy"
+
+
+def hard_negatives(caption: str, other: str, rng: random.Random) -> list[str]:
+    """Zero-label hard negatives of one caption, built from its own segments (clauses split at commas, "and",
+    "with"): a segment said twice, a segment dropped, a segment replaced by one of `other` (another image's
+    caption). Each is a worse caption of the same image; a one-segment caption has no drop."""
+    segments = [s for s in _SEGMENT.split(caption.strip().rstrip(".")) if s]
+    if not segments:
+        return []
+    out = [caption.rstrip(".") + " and " + rng.choice(segments)]  # said twice
+    if len(segments) > 1:
+        k = rng.randrange(len(segments))
+        out.append(_join(segments[:k] + segments[k + 1 :]))  # one dropped
+    foreign = [s for s in _SEGMENT.split(other.strip().rstrip(".")) if s and s not in segments]
+    if foreign:
+        k = rng.randrange(len(segments))
+        out.append(_join([*segments[:k], rng.choice(foreign), *segments[k + 1 :]]))  # one swapped in
+    return out
+
+
+def _join(segments: list[str]) -> str:
+    return segments[0] if len(segments) == 1 else ", ".join(segments[:-1]) + " and " + segments[-1]
+
+
 def train_mapper(
     model: Any,
     processor: Any,
@@ -161,12 +191,18 @@ def train_mapper(
     weight_decay: float = 0.0,
     variant: str = "G",
     base_model: str | None = None,
+    hard_negatives_weight: float = 0.0,
+    margin: float = 0.05,
 ) -> tuple[Mapper, dict[str, Any]]:
     """Fit the mapper on (image index, caption) pairs with 1 - cos; the VLM stays frozen, so F_I and h are
     computed once. Held-out pairs are those of held-out IMAGES (unseen images, not unseen captions).
 
     The report's `heldout_shuffled_cosine` pairs each held-out prediction with another held-out image: features
     share a large common direction, so the margin over it, not the cosine itself, shows what was learned.
+
+    With `hard_negatives_weight` > 0, each caption also gets `hard_negatives` (a segment repeated, dropped or
+    swapped for another image's) and a hinge term asks its own image to be `margin` closer in cosine to the
+    caption than to each of them; `heldout_hard_negative_accuracy` reports how often it is on held-out images.
     """
     rng = random.Random(seed)
     used = sorted({i for i, _ in captions})
@@ -180,8 +216,11 @@ def train_mapper(
     tokenizer = getattr(processor, "tokenizer", processor)
     states = caption_states(model, tokenizer, [c for _, c in captions], batch_size=batch_size)
     is_held = torch.tensor([i in held for i, _ in captions])
+    train_index = torch.arange(len(captions))[~is_held]  # row of each training pair in `captions`
     train_x, train_y = states[~is_held], target[~is_held]
     held_x, held_y = states[is_held], target[is_held]
+
+    negatives = _negative_states(model, tokenizer, captions, rng, batch_size) if hard_negatives_weight > 0 else None
 
     mapper = Mapper(states.shape[1], feats.shape[1], width, seed=seed)
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=lr, weight_decay=weight_decay)
@@ -196,7 +235,12 @@ def train_mapper(
     for epoch in range(1, epochs + 1):
         mapper.train()
         for batch in torch.randperm(len(train_x), generator=generator).split(batch_size):
-            loss = (1 - F.cosine_similarity(mapper(train_x[batch]), train_y[batch], dim=-1)).mean()
+            positive = F.cosine_similarity(mapper(train_x[batch]), train_y[batch], dim=-1)
+            loss = (1 - positive).mean()
+            if negatives is not None:
+                loss = loss + hard_negatives_weight * _hinge(
+                    mapper, negatives, train_index[batch], positive, target, margin
+                )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -207,11 +251,14 @@ def train_mapper(
             "heldout_cosine": cosine(held_x, held_y),
             "heldout_shuffled_cosine": cosine(held_x, held_y[shuffle]),
         }
+        if negatives is not None:
+            row[NEGATIVE_ACCURACY] = _negative_accuracy(mapper, negatives, states, target, is_held)
         history.append(row)
         if epoch == 1 or epoch == epochs or epoch % max(1, epochs // 5) == 0:
             print(
                 f"vizer stage A: epoch {epoch}/{epochs} train cos {row['train_cosine']:.4f} "
-                f"held-out cos {row['heldout_cosine']:.4f} (shuffled {row['heldout_shuffled_cosine']:.4f})",
+                f"held-out cos {row['heldout_cosine']:.4f} (shuffled {row['heldout_shuffled_cosine']:.4f})"
+                + (f", hard negatives ranked below {accuracy:.3f}" if (accuracy := row.get(NEGATIVE_ACCURACY)) else ""),
                 flush=True,
             )
     report = {
@@ -232,6 +279,46 @@ def train_mapper(
         **{k: v for k, v in report.items() if k != "epochs"},
     )
     return mapper.requires_grad_(False), report
+
+
+def _negative_states(model: Any, tokenizer: Any, captions, rng: random.Random, batch_size: int):
+    """(caption row of each negative, its latent): the hard negatives of every caption, another image's caption
+    lending the swapped-in segment."""
+    rows, texts = [], []
+    for row, (image, caption) in enumerate(captions):
+        other = captions[rng.randrange(len(captions))]
+        if other[0] == image:  # another image's caption, when there is one
+            other = next((c for c in captions if c[0] != image), other)
+        for negative in hard_negatives(caption, other[1], rng):
+            rows.append(row)
+            texts.append(negative)
+    if not texts:
+        return None
+    return torch.tensor(rows), caption_states(model, tokenizer, texts, batch_size=batch_size)
+
+
+def _hinge(mapper, negatives, rows: torch.Tensor, positive: torch.Tensor, target: torch.Tensor, margin: float):
+    """Mean of relu(margin - (cos(image, caption) - cos(image, negative))) over the batch's captions' negatives."""
+    owner, states = negatives
+    pick = torch.isin(owner, rows)
+    if not pick.any():
+        return positive.new_zeros(())
+    where = {int(r): k for k, r in enumerate(rows)}
+    slot = torch.tensor([where[int(r)] for r in owner[pick]])
+    negative = F.cosine_similarity(mapper(states[pick]), target[owner[pick]], dim=-1)
+    return F.relu(margin - (positive[slot] - negative)).mean()
+
+
+def _negative_accuracy(mapper, negatives, states, target, is_held) -> float:
+    """Share of held-out images' hard negatives that the mapper places farther from the image than the caption."""
+    owner, negative_states = negatives
+    pick = is_held[owner]
+    if not pick.any():
+        return math.nan
+    with torch.no_grad():
+        positive = F.cosine_similarity(mapper(states[owner[pick]]), target[owner[pick]], dim=-1)
+        negative = F.cosine_similarity(mapper(negative_states[pick]), target[owner[pick]], dim=-1)
+    return (positive > negative).float().mean().item()
 
 
 def _derangement(n: int, generator: torch.Generator) -> torch.Tensor:

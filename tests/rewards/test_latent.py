@@ -18,6 +18,7 @@ from vizer.objective import (
     completion_mask,
     distinct_2,
     generate_captions,
+    hard_negatives,
     train_mapper,
 )
 from vizer.qwen2vl_processor import load_qwen2vl_processor
@@ -150,6 +151,32 @@ def test_stage_a_mapper_learns_the_pairing(trained, idefics3):
     torch.testing.assert_close(loaded(x), mapper(x))
     assert not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(Mapper(64, 64, seed=5).net[0].weight, Mapper(64, 64, seed=5).net[0].weight)
+
+
+def test_hard_negatives_repeat_drop_or_swap_one_segment_of_a_real_caption():
+    caption = "A dog on a skateboard, a red ball and a wooden bench."
+    other = "Two cats sleeping on a sofa with a striped blanket"
+    for seed in range(5):
+        repeated, dropped, swapped = hard_negatives(caption, other, random.Random(seed))
+        segments = ["A dog on a skateboard", "a red ball", "a wooden bench"]
+        assert repeated.startswith(caption.rstrip(".") + " and ") and repeated.rsplit(" and ", 1)[1] in segments
+        assert sum(s in dropped for s in segments) == 2 and len(dropped) < len(caption)
+        assert sum(s in swapped for s in segments) == 2
+        assert any(s in swapped for s in ("Two cats sleeping on a sofa", "a striped blanket"))
+    # one segment: nothing to drop; another image's caption that shares it: nothing to swap in
+    assert hard_negatives("a red square", "a red square", random.Random(0)) == ["a red square and a red square"]
+    assert hard_negatives("", other, random.Random(0)) == []
+
+
+def test_hard_negative_hinge_keeps_captions_closer_than_their_corruptions(idefics3, toy):
+    model, processor, _ = idefics3
+    _, images, pairs = toy
+    settings = dict(epochs=15, lr=3e-3, batch_size=32, heldout_fraction=0.25, seed=0, margin=0.3)
+    _, off = train_mapper(model, processor, images, pairs, hard_negatives_weight=1e-9, **settings)  # measured only
+    _, on = train_mapper(model, processor, images, pairs, hard_negatives_weight=3.0, **settings)
+    assert on["heldout_hard_negative_accuracy"] > off["heldout_hard_negative_accuracy"] + 0.05
+    assert on["heldout_hard_negative_accuracy"] > 0.8
+    assert on["heldout_cosine"] - on["heldout_shuffled_cosine"] > 0.3  # still matches captions to their images
 
 
 def test_generated_pairs_hold_no_special_tokens(idefics3, toy):
