@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # torch and transformers load inside the functions: `import s
     from transformers import CLIPModel, PreTrainedTokenizerFast
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-_FORMAT = 2  # bump when the training recipe changes, so stale caches are not reused
+_FORMAT = 3  # bump when the training recipe changes, so stale caches are not reused
 
 # CLIP pools text at the first EOS unless eos_token_id == 2 (a legacy path that pools at the highest id).
 SPECIAL = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
