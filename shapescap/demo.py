@@ -81,6 +81,7 @@ def expand_overrides(recipe: str, extra: list[str]) -> list[str]:
 
 METHODS = {
     "counterfactual": (RECIPE, "GRPO + counterfactual phrase grounding (`make demo`)", []),
+    "counterfactual-4": (RECIPE, "the same, 4 images per step", ["grpo.images_per_step=4"]),  # twice the images seen
     "phrases": ("shapes-phrases", "GRPO + phrase rewards", []),
     "grpo": ("shapes-grpo", "GRPO", []),
     # hypothesis 1 alone: consistency made phrase-level, as a pure penalty (tau 0.5)
@@ -323,18 +324,49 @@ def seed_override(recipe: str, seed: int) -> str:
     return f"{'vizer' if load_recipe(recipe)['objective'] == 'vizer' else 'grpo'}.seed={seed}"
 
 
-def shared_mapper(recipe: str, out: Path, overrides: list[str]) -> list[str]:
-    """Train a recipe's mapper once (stage A does not depend on the seed) and point every seed's run at it."""
+def mapper_folder(recipe: str, out: Path, overrides: list[str]) -> Path | None:
+    """Where the run's stage-A mapper is shared from, keyed by what stage A depends on (so recipes and methods
+    that ask for the same mapper share one); None when the run needs none or names its own."""
     loaded = load_recipe(recipe, overrides)
     if not needs_mapper(loaded) or loaded["mapper"]["path"]:
-        return []
-    # keyed by what stage A depends on, so recipes that ask for the same mapper share one
+        return None
     identity = {k: loaded[k] for k in ("model", "prompt", "mapper", "mapper_data")}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    folder = out / "mappers" / f"{loaded['mapper']['variant']}-{key}"
+    return out / "mappers" / f"{loaded['mapper']['variant']}-{key}"
+
+
+def shared_mapper(recipe: str, out: Path, overrides: list[str]) -> list[str]:
+    """Train a run's mapper once (stage A does not depend on the seed) and point every seed's run at it."""
+    folder = mapper_folder(recipe, out, overrides)
+    if folder is None:
+        return []
     if not (folder / "mapper.json").is_file():
-        train_recipe_mapper(loaded, folder)
+        train_recipe_mapper(load_recipe(recipe, overrides), folder)
     return [f"mapper.path={folder}"]
+
+
+def mapper_label(folder: Path) -> str:
+    """'G', 'GT', or 'G with hard negatives': how the ranking table names a trained mapper."""
+    meta = json.loads((folder / "mapper.json").read_text())
+    return meta["variant"] + (" with hard negatives" if meta.get("hard_negatives") else "")
+
+
+def method_jobs(method: str, out: Path, overrides: list[str], seeds: list[int]) -> tuple[list[Job], Path | None]:
+    """One job per seed for a method: its recipe with the demo's overrides, then its own (a method's mapper
+    settings included: the shared mapper is trained with them); and that mapper's folder, if any."""
+    recipe, _, extra = METHODS[method]
+    extra = [*overrides, *expand_overrides(recipe, extra)]
+    mapper = shared_mapper(recipe, out, extra)
+    jobs = [
+        Job(
+            f"{method} seed {seed}",
+            out / method / f"seed{seed}",
+            [*extra, *mapper, seed_override(recipe, seed)],
+            recipe,
+        )
+        for seed in seeds
+    ]
+    return jobs, Path(mapper[0].split("=", 1)[1]) if mapper else None
 
 
 def method_table(results: dict[str, list[dict]], labels: dict[str, str]) -> str:
@@ -461,23 +493,12 @@ def main(argv: list[str] | None = None) -> int:
             results, mappers = {}, {}
             for method in args.methods:
                 recipe, _, extra = METHODS[method]
-                extra = expand_overrides(recipe, extra)
                 if recipe == RECIPE and not extra:  # the runs plain `make demo` just made
                     results[method] = per_seed
                     continue
-                mapper = shared_mapper(recipe, args.out, args.overrides)
-                if mapper:
-                    folder = Path(mapper[0].split("=", 1)[1])
-                    mappers.setdefault(folder.name.split("-")[0], folder)
-                seeds = [
-                    Job(
-                        f"{method} seed {seed}",
-                        args.out / method / f"seed{seed}",
-                        [*args.overrides, *extra, *mapper, seed_override(recipe, seed)],
-                        recipe,
-                    )
-                    for seed in args.seeds
-                ]
+                seeds, folder = method_jobs(method, args.out, args.overrides, args.seeds)
+                if folder:
+                    mappers.setdefault(mapper_label(folder), folder)
                 results[method] = run_jobs(seeds, args.jobs)
             labels = {m: METHODS[m][1] for m in results}
             results["ceiling"], labels["ceiling"] = [ceiling], CEILING_LABEL

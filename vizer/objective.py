@@ -272,6 +272,8 @@ def train_mapper(
     mapper.meta.update(
         base_model=base_model or base or None,
         variant=variant,
+        hard_negatives=hard_negatives_weight,
+        margin=margin,
         feature="connector_mean",
         text_state="last_hidden_mean_text_only",
         lr=lr,

@@ -1,7 +1,10 @@
 """The demo's before/after table judges each target from the measured numbers."""
 
+import json
+
 import pytest
 
+from shapescap import demo
 from shapescap.demo import summary_table
 
 
@@ -100,3 +103,25 @@ def test_a_method_that_adds_a_reward_reads_the_rest_from_its_recipe():
     own = load_recipe("shapes-grpo")["rewards"]
     assert recipe["rewards"][: len(own)] == own and recipe["rewards"][-1]["name"] == "phrase_grounding"
     assert recipe["grpo"]["beta"] == 0.1
+
+
+def test_a_method_s_mapper_settings_reach_the_mapper_it_shares(tmp_path, monkeypatch):
+    trained = {}
+
+    def fake_train(recipe, folder):  # stage A is minutes of work; record what it would have been asked for
+        trained[folder] = recipe["mapper"]
+        folder.mkdir(parents=True)
+        (folder / "mapper.json").write_text(
+            json.dumps({"variant": "G", "hard_negatives": recipe["mapper"]["hard_negatives"]})
+        )
+
+    monkeypatch.setattr(demo, "train_recipe_mapper", fake_train)
+    plain, plain_folder = demo.method_jobs("grpo-latent", tmp_path, [], [0, 1])
+    hard, hard_folder = demo.method_jobs("grpo-latent-hn", tmp_path, [], [0, 1])
+    again, _ = demo.method_jobs("grpo-latent", tmp_path, [], [2])
+    assert plain_folder != hard_folder and len(trained) == 2  # the third call reuses the first mapper
+    assert trained[hard_folder]["hard_negatives"] == 1.0 and trained[plain_folder]["hard_negatives"] == 0.0
+    assert f"mapper.path={hard_folder}" in hard[1].overrides and "grpo.seed=1" in hard[1].overrides
+    assert f"mapper.path={plain_folder}" in again[0].overrides
+    assert [demo.mapper_label(f) for f in (plain_folder, hard_folder)] == ["G", "G with hard negatives"]
+    assert demo.method_jobs("grpo", tmp_path, [], [0])[1] is None  # no mapper: none trained, none named
