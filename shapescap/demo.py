@@ -335,16 +335,6 @@ def mapper_folder(recipe: str, out: Path, overrides: list[str]) -> Path | None:
     return out / "mappers" / f"{loaded['mapper']['variant']}-{key}"
 
 
-def shared_mapper(recipe: str, out: Path, overrides: list[str]) -> list[str]:
-    """Train a run's mapper once (stage A does not depend on the seed) and point every seed's run at it."""
-    folder = mapper_folder(recipe, out, overrides)
-    if folder is None:
-        return []
-    if not (folder / "mapper.json").is_file():
-        train_recipe_mapper(load_recipe(recipe, overrides), folder)
-    return [f"mapper.path={folder}"]
-
-
 def mapper_label(folder: Path) -> str:
     """'G', 'GT', or 'G with hard negatives': how the ranking table names a trained mapper."""
     meta = json.loads((folder / "mapper.json").read_text())
@@ -356,17 +346,16 @@ def method_jobs(method: str, out: Path, overrides: list[str], seeds: list[int]) 
     settings included: the shared mapper is trained with them); and that mapper's folder, if any."""
     recipe, _, extra = METHODS[method]
     extra = [*overrides, *expand_overrides(recipe, extra)]
-    mapper = shared_mapper(recipe, out, extra)
+    folder = mapper_folder(recipe, out, extra)
+    if folder is not None:  # trained once (stage A does not depend on the seed), every seed's run points at it
+        if not (folder / "mapper.json").is_file():
+            train_recipe_mapper(load_recipe(recipe, extra), folder)
+        extra.append(f"mapper.path={folder}")
     jobs = [
-        Job(
-            f"{method} seed {seed}",
-            out / method / f"seed{seed}",
-            [*extra, *mapper, seed_override(recipe, seed)],
-            recipe,
-        )
+        Job(f"{method} seed {seed}", out / method / f"seed{seed}", [*extra, seed_override(recipe, seed)], recipe)
         for seed in seeds
     ]
-    return jobs, Path(mapper[0].split("=", 1)[1]) if mapper else None
+    return jobs, folder
 
 
 def method_table(results: dict[str, list[dict]], labels: dict[str, str]) -> str:

@@ -20,7 +20,7 @@ from rewards.latent import CONFIG, Mapper
 from vizer.config import RecipeError
 from vizer.model_ids import resolve_model_id
 from vizer.models import load_model
-from vizer.objective import collect_pairs_generated, train_mapper
+from vizer.objective import NEGATIVE_ACCURACY, collect_pairs_generated, train_mapper
 
 
 def mapper_dir(recipe: dict, out_dir: Path) -> Path:
@@ -128,9 +128,8 @@ def train_recipe_mapper(recipe: dict, folder: Path) -> Path:
         f"mapper: held-out cosine {report['heldout_cosine']:.4f} (another image's: "
         f"{report['heldout_shuffled_cosine']:.4f}) on {report['heldout_pairs']} pairs; saved to {folder}"
     )
-    if "heldout_hard_negative_accuracy" in report:
+    if NEGATIVE_ACCURACY in report:
         print(
-            f"mapper: held-out captions closer to their image than their hard negatives: "
-            f"{report['heldout_hard_negative_accuracy']:.3f}"
+            f"mapper: held-out captions closer to their image than their hard negatives: {report[NEGATIVE_ACCURACY]:.3f}"
         )
     return folder

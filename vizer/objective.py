@@ -149,19 +149,18 @@ def collect_pairs_generated(
 
 # Clause boundaries of a caption: commas, "and", "with", "next to", "beside"; generic, not ShapesCap's words.
 _SEGMENT = re.compile(r"\s*,\s*(?:and\s+)?|\s+(?:and|with|next to|beside)\s+", re.IGNORECASE)
-
-
-NEGATIVE_ACCURACY = "heldout_hard_negative_accuracy"
+NEGATIVE_ACCURACY = "heldout_hard_negative_accuracy"  # the report's key
 
 
 def hard_negatives(caption: str, other: str, rng: random.Random) -> list[str]:
     """Zero-label hard negatives of one caption, built from its own segments (clauses split at commas, "and",
     "with"): a segment said twice, a segment dropped, a segment replaced by one of `other` (another image's
     caption). Each is a worse caption of the same image; a one-segment caption has no drop."""
-    segments = [s for s in _SEGMENT.split(caption.strip().rstrip(".")) if s]
+    text = caption.strip().rstrip(".")
+    segments = [s for s in _SEGMENT.split(text) if s]
     if not segments:
         return []
-    out = [caption.rstrip(".") + " and " + rng.choice(segments)]  # said twice
+    out = [text + " and " + rng.choice(segments)]  # said twice
     if len(segments) > 1:
         k = rng.randrange(len(segments))
         out.append(_join(segments[:k] + segments[k + 1 :]))  # one dropped
@@ -258,7 +257,7 @@ def train_mapper(
             print(
                 f"vizer stage A: epoch {epoch}/{epochs} train cos {row['train_cosine']:.4f} "
                 f"held-out cos {row['heldout_cosine']:.4f} (shuffled {row['heldout_shuffled_cosine']:.4f})"
-                + (f", hard negatives ranked below {accuracy:.3f}" if (accuracy := row.get(NEGATIVE_ACCURACY)) else ""),
+                + (f", hard negatives ranked below {row[NEGATIVE_ACCURACY]:.3f}" if NEGATIVE_ACCURACY in row else ""),
                 flush=True,
             )
     report = {
@@ -305,10 +304,10 @@ def _hinge(mapper, negatives, rows: torch.Tensor, positive: torch.Tensor, target
     pick = torch.isin(owner, rows)
     if not pick.any():
         return positive.new_zeros(())
-    where = {int(r): k for k, r in enumerate(rows)}
-    slot = torch.tensor([where[int(r)] for r in owner[pick]])
+    slot = torch.empty(int(max(owner.max(), rows.max())) + 1, dtype=torch.long)
+    slot[rows] = torch.arange(len(rows))  # each batch row's place in `positive`
     negative = F.cosine_similarity(mapper(states[pick]), target[owner[pick]], dim=-1)
-    return F.relu(margin - (positive[slot] - negative)).mean()
+    return F.relu(margin - (positive[slot[owner[pick]]] - negative)).mean()
 
 
 def _negative_accuracy(mapper, negatives, states, target, is_held) -> float:
