@@ -53,7 +53,7 @@ class CaptionerConfig:
     # "sft"-split scenes shared by both stages, and perception steps: 3000 scenes were memorised (order probe 0.92
     # held out); with 12000 and 2000 steps 4.6% of objects in three-object scenes had an attribute misread and
     # the label ceiling got 17 of 500 captions wrong; 24000 and 4000 steps read every attribute at 0.998 or more
-    # and leave it 8 (the build takes 1.6 times as long: 677 s)
+    # and leave it 8 (the build takes 677 s against v2's 331-424 s)
     n_scenes: int = 24000
     vision_steps: int = 4000
     sft_steps: int = 600
