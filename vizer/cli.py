@@ -12,9 +12,17 @@ from vizer.config import RecipeError, load_recipe
 
 def _train(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
+    import torch.distributed as dist
+
     from vizer.train import train  # heavy imports only after the recipe is known to be valid
 
-    train(recipe, Path(args.out or f"outputs/{recipe['name']}"))
+    try:
+        train(recipe, Path(args.out or f"outputs/{recipe['name']}"))
+    finally:
+        # under `accelerate launch`: gloo's worker threads still alive when the interpreter shuts down can
+        # abort the process (SIGABRT) after a finished run, so the group goes first, once per process
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ from test_train import read_metrics, tiny_overrides
 
 from vizer.config import load_recipe
 from vizer.train import train
-from vizer.watch.step_timing import KEYS, PhaseClock
+from vizer.watch.step_timing import KEYS, PHASES, PhaseClock
 
 
 class FakeTime:
@@ -52,10 +52,13 @@ def test_make_train_logs_where_the_time_goes(tmp_path, monkeypatch):
         assert all(row[k] >= 0 for k in KEYS), row
         for phase in ("preprocess", "generation", "reward", "forward_backward"):
             assert row[f"timing/{phase}"] > 0, phase
-        # TRL's own step_time (its training_step, generation included) is measured apart from ours: the five
-        # add up to it plus what lies outside it (optimizer step, data loading, logging)
+        # TRL's own step_time (its training_step, generation included) is measured apart from ours: the four
+        # phases all run inside it, so they cannot add up to more (a second counted twice would); the five add
+        # up to it plus what lies outside it (optimizer step, data loading, logging, and any pause the machine's
+        # load puts there, which is why the total has no upper bound here)
+        phases = sum(row[f"timing/{p}"] for p in PHASES)
         total = sum(row[k] for k in KEYS)
-        assert row["step_time"] <= total <= 1.25 * row["step_time"] + 0.1, (total, row["step_time"])
+        assert phases <= 1.01 * row["step_time"] + 0.005 and row["step_time"] <= total, (phases, total, row)
     (events,) = (tmp_path / "tensorboard").rglob("events.out.tfevents.*")
     logged = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     assert {f"train/{k}" for k in KEYS} <= set(logged), "TensorBoard gets them through the trainer's logging"
