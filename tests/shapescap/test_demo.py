@@ -67,6 +67,18 @@ def test_all_six_targets_are_judged_in_the_plain_table():
     assert len(judged) == 6, table
 
 
+def test_a_base_that_is_not_weak_where_the_targets_look_is_flagged():
+    weak = {"shapes/object_recall": 0.58, "shapes/hallucination": 0.27}
+    greedy_complete = {"shapes/object_recall": 0.857, "shapes/hallucination": 0.27}
+    careful_sampler = {"shapes/object_recall": 0.58, "shapes/hallucination": 0.2}
+    assert demo.base_line([seed_result(weak, weak)] * 3).startswith("Base captioner weak")
+    line = demo.base_line([seed_result(greedy_complete, weak)])
+    assert line.startswith("WARNING") and "greedy object_recall 0.857, at most 0.65 asked" in line
+    assert "sampled hallucination" not in line, "only the bound that fails is named"
+    line = demo.base_line([seed_result(careful_sampler, careful_sampler)])
+    assert "sampled hallucination 0.200, at least 0.25 asked" in line and "object_recall" not in line
+
+
 def test_a_run_folder_of_another_recipe_is_refused_not_reused(tmp_path):
     import pytest
     import yaml
