@@ -285,3 +285,21 @@ def test_processes_launched_together_that_each_run_alone_are_refused(tmp_path, m
     with pytest.raises(RecipeError, match=r"^the launcher started 2 processes, but each sees itself alone"):
         runner.train(load_recipe("tiny-shapes", tiny_overrides("tiny-shapes")), tmp_path / "run")
     assert not (tmp_path / "run").exists(), "refused before OUT is touched"
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_command_destroys_its_process_group_before_exit(monkeypatch, fails):
+    # a group left alive at interpreter shutdown aborted a finished rank (SIGABRT); a failed run must let go too
+    from vizer import cli
+
+    destroyed = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: destroyed.append(True))
+
+    def fake_train(recipe, out):
+        if fails:
+            raise RecipeError("disk full")
+
+    monkeypatch.setattr(runner, "train", fake_train)
+    assert cli.main(["train", "tiny-shapes", "--out", "unused"]) == (2 if fails else 0)
+    assert destroyed == [True]
