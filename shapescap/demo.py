@@ -79,9 +79,16 @@ def expand_overrides(recipe: str, extra: list[str]) -> list[str]:
     return out
 
 
+COUNTERFACTUAL_05 = "rewards.5={name: counterfactual_grounding, weight: 0.5, mode: penalty, model: 'tiny:shapes-clip'}"
 METHODS = {
     "counterfactual": (RECIPE, "GRPO + counterfactual phrase grounding (`make demo`)", []),
-    "counterfactual-4": (RECIPE, "the same, 4 images per step", ["grpo.images_per_step=4"]),  # twice the images seen
+    # the penalty at v2.1's weight, alone and with twice the images seen per step
+    "counterfactual-0.5": (RECIPE, "the same, penalty at 0.5", [COUNTERFACTUAL_05]),
+    "counterfactual-4": (
+        RECIPE,
+        "the same, penalty at 0.5, 4 images per step",
+        [COUNTERFACTUAL_05, "grpo.images_per_step=4"],
+    ),
     "phrases": ("shapes-phrases", "GRPO + phrase rewards", []),
     "grpo": ("shapes-grpo", "GRPO", []),
     # hypothesis 1 alone: consistency made phrase-level, as a pure penalty (tau 0.5)
@@ -106,8 +113,8 @@ METHODS = {
     # hypothesis 3: decoupled (per-reward) normalisation of the winning rewards
     "normalize": (
         RECIPE,
-        "counterfactual rewards, normalize_then_sum",
-        ["grpo.multi_objective_aggregation=normalize_then_sum"],
+        "counterfactual rewards (penalty at 0.5), normalize_then_sum",
+        [COUNTERFACTUAL_05, "grpo.multi_objective_aggregation=normalize_then_sum"],
     ),
     # completeness and correctness as two rewards, normalised apart; no coverage for long captions with a refuted object
     "precision-coverage": ("shapes-precision-coverage", "counterfactual precision + coverage, normalize_then_sum", []),
@@ -180,12 +187,37 @@ def build_parts(jobs: int = 2) -> None:
         )
 
 
+BASE_RECORD = "demo_base.json"  # which build of the base model a run folder was trained on
+
+
+def check_base(run: Path, model_id: str) -> None:
+    """Refuse a run folder trained on another build of the base model, then record this one. A new captioner
+    version keeps the recipes' model id (`tiny:shapes-captioner`), so the recipe alone cannot tell the runs apart:
+    an adapter trained on the old build would be evaluated on the new one."""
+    base = Path(resolve_model_id(model_id)).name
+    record = run / BASE_RECORD
+    if record.is_file():
+        trained_on = json.loads(record.read_text()).get("base")
+    elif run.is_dir() and any(run.iterdir()):
+        trained_on = "a build it did not record"
+    else:
+        trained_on = base
+    if trained_on != base:
+        raise RecipeError(
+            f"{run} holds a run trained on {trained_on}, not on this checkout's {base}: remove it, or pass --out"
+        )
+    run.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"base": base}) + "\n")
+
+
 def train_and_eval(run: Path, overrides: list[str], recipe: str = RECIPE) -> dict[str, dict]:
     """Train one seed (resumes if already there) and evaluate greedy and sampled; returns both results."""
     loaded = load_recipe(recipe, overrides)
-    if (run / "adapter").is_dir():
+    finished = (run / "adapter").is_dir()
+    if finished:
         check_rerun(loaded, run)  # a folder an older demo trained with another recipe is refused, not reused
-    else:
+    check_base(run, loaded["model"]["id"])
+    if not finished:
         train(loaded, run)
     return evaluate_run(run, overrides)
 
@@ -206,9 +238,10 @@ def ceiling_run(out: Path, overrides: list[str], recipe: str = RECIPE) -> Path:
     from shapescap.captioner import load_captioner
     from shapescap.ceiling import train_on_true_captions
 
+    loaded = load_recipe(recipe, overrides)
+    check_base(out, loaded["model"]["id"])
     if (out / "adapter" / "adapter_config.json").is_file():
         return out
-    loaded = load_recipe(recipe, overrides)
     model, processor = load_captioner(resolve_model_id(loaded["model"]["id"]))
     model, losses = train_on_true_captions(model, processor, train="lora")
     out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +387,7 @@ def mapper_folder(recipe: str, out: Path, overrides: list[str]) -> Path | None:
     if not needs_mapper(loaded) or loaded["mapper"]["path"]:
         return None
     identity = {k: loaded[k] for k in ("model", "prompt", "mapper", "mapper_data")}
+    identity["base"] = Path(resolve_model_id(loaded["model"]["id"])).name  # a new captioner build, a new mapper
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return out / "mappers" / f"{loaded['mapper']['variant']}-{key}"
 

@@ -128,6 +128,7 @@ def test_a_method_s_mapper_settings_reach_the_mapper_it_shares(tmp_path, monkeyp
         )
 
     monkeypatch.setattr(demo, "train_recipe_mapper", fake_train)
+    monkeypatch.setattr(demo, "resolve_model_id", lambda model_id: "/cache/shapes/captioner-v2.2")  # no build
     plain, plain_folder = demo.method_jobs("grpo-latent", tmp_path, [], [0, 1])
     hard, hard_folder = demo.method_jobs("grpo-latent-hn", tmp_path, [], [0, 1])
     again, _ = demo.method_jobs("grpo-latent", tmp_path, [], [2])
@@ -137,3 +138,29 @@ def test_a_method_s_mapper_settings_reach_the_mapper_it_shares(tmp_path, monkeyp
     assert f"mapper.path={plain_folder}" in again[0].overrides
     assert [demo.mapper_label(f) for f in (plain_folder, hard_folder)] == ["G", "G with hard negatives"]
     assert demo.method_jobs("grpo", tmp_path, [], [0])[1] is None  # no mapper: none trained, none named
+
+
+def test_a_run_folder_trained_on_another_build_of_the_base_is_refused(tmp_path, monkeypatch):
+    # a new captioner version keeps the model id: only the record tells an old run from a new one
+    from vizer.config import RecipeError
+
+    monkeypatch.setattr(demo, "resolve_model_id", lambda model_id: "/cache/shapes/captioner-v2.2")
+    fresh = tmp_path / "fresh"
+    demo.check_base(fresh, "tiny:shapes-captioner")
+    assert json.loads((fresh / demo.BASE_RECORD).read_text()) == {"base": "captioner-v2.2"}
+    demo.check_base(fresh, "tiny:shapes-captioner")  # the same build: reused
+    (fresh / demo.BASE_RECORD).write_text(json.dumps({"base": "captioner-v2.1"}))
+    with pytest.raises(RecipeError, match="trained on captioner-v2.1, not on this checkout's captioner-v2.2"):
+        demo.check_base(fresh, "tiny:shapes-captioner")
+    unrecorded = tmp_path / "unrecorded"
+    (unrecorded / "adapter").mkdir(parents=True)
+    with pytest.raises(RecipeError, match="a build it did not record"):
+        demo.check_base(unrecorded, "tiny:shapes-captioner")
+    assert not (unrecorded / demo.BASE_RECORD).exists(), "a refused folder is left as it was"
+
+
+def test_the_shared_mapper_of_another_base_build_is_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "resolve_model_id", lambda model_id: "/cache/shapes/captioner-v2.1")
+    old = demo.mapper_folder("shapes-vizer-g", tmp_path, [])
+    monkeypatch.setattr(demo, "resolve_model_id", lambda model_id: "/cache/shapes/captioner-v2.2")
+    assert old is not None and demo.mapper_folder("shapes-vizer-g", tmp_path, []) != old
