@@ -11,7 +11,10 @@ Built in two stages on "sft"-split scenes, deterministically, and cached like th
    named an earlier object again where it could not find the third.)
 2. Flawed SFT. With the vision side frozen, the language model learns to caption from *flawed* captions in
    `describe()` format (sizes included): half of multi-object captions name only the leftmost object, a
-   quarter of colour words are wrong. The result writes fluent, incomplete, partly wrong captions.
+   quarter of colour words are wrong, and the labellers confuse two colours (orange written "yellow", purple
+   "blue", 7 times in 10). The result writes fluent, incomplete, partly wrong captions, wrong even greedily:
+   random colour noise alone is averaged away by greedy decoding (v2.1, without the confusion, wrote 1 wrong
+   greedy caption in 500), a systematic confusion is not.
 
 `perception_report` proves stage 1 on held-out "test" scenes with linear probes on the frozen image
 features; `caption_report` grades greedy and sampled captions. Both go into the folder's metadata json.
@@ -38,7 +41,7 @@ from vizer.tiny import IDEFICS3_CHAT_TEMPLATE, build_once, cache_root, idefics3_
 # torch and transformers are imported inside the functions that use them: `import shapescap`, done by every
 # recipe that names the plugin, stays fast.
 
-VERSION = "v2.1"  # bump when the recipe changes, so stale caches are never reused
+VERSION = "v2.2"  # bump when the recipe changes, so stale caches are never reused
 MARKER = "shapes_captioner.json"  # metadata, written last: its presence means a complete build
 PROMPT = "Describe this image."
 IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR = 64, 8, 2
@@ -68,6 +71,9 @@ class CaptionerConfig:
     drop_rate: float = 0.5  # share of multi-object captions that name only the leftmost object
     colour_noise: float = 0.25  # share of colour words replaced by another colour
     shape_noise: float = 0.0  # share of shape words replaced by another shape
+    # (true colour, written colour, share): the labellers' systematic confusions. With them the base errs
+    # greedily as real captioners do, so "no more errors than the base" is a bar a caption can clear
+    colour_confusion: tuple[tuple[str, str, float], ...] = (("orange", "yellow", 0.7), ("purple", "blue", 0.7))
     probe_scenes: int = 600  # per split, for the perception probes
     eval_scenes: int = 200  # "test" scenes captioned for the quality report
     max_new_tokens: int = 24
@@ -400,7 +406,10 @@ def flawed_caption(scene: Scene, rng: random.Random, cfg: CaptionerConfig) -> st
 
 
 def _corrupt(o: ShapeObject, rng: random.Random, cfg: CaptionerConfig) -> ShapeObject:
-    if rng.random() < cfg.colour_noise:
+    confused = {true: (written, share) for true, written, share in cfg.colour_confusion}
+    if o.colour in confused and rng.random() < confused[o.colour][1]:
+        o = replace(o, colour=confused[o.colour][0])
+    elif rng.random() < cfg.colour_noise:
         o = replace(o, colour=rng.choice([c for c in COLOUR_NAMES if c != o.colour]))
     if rng.random() < cfg.shape_noise:
         o = replace(o, shape=rng.choice([s for s in SHAPES if s != o.shape]))
