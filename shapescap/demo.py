@@ -164,7 +164,7 @@ def build_parts(jobs: int = 2) -> None:
     """Build (or reuse) the scorer, the judge and the captioner; each trains on one thread, so on a machine with
     two cores the captioner builds beside the two CLIPs."""
     if jobs > 1:
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with _pool(jobs) as pool:
             # the captioner is the longest: it starts first, the CLIPs share the other worker
             futures = {m: pool.submit(_build_part, m) for m, _ in sorted(PARTS, key=lambda p: "captioner" not in p[0])}
             built = {m: f.result() for m, f in futures.items()}
@@ -276,18 +276,38 @@ def _run_job(job: Job, threads: int | None = None) -> dict[str, dict]:
     return result
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: the worker ends when the demo does, however the demo ends. Without it, killing the demo's
+    process alone (not its process group) leaves its workers training on, unseen. Linux only; elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the demo died before the call
+        os._exit(1)
+
+
+def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    context = multiprocessing.get_context("spawn")
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+    )
+
+
 def run_jobs(jobs: list[Job], workers: int) -> list[dict[str, dict]]:
     """Results of each job in order; `workers` > 1 runs them in as many processes, one thread each."""
     if workers <= 1 or len(jobs) == 1:
         return [_run_job(job) for job in jobs]
     for job in jobs:
         print(f"[{job.label}] queued ({job.run})", flush=True)
-    context = multiprocessing.get_context("spawn")
     # progress bars of parallel jobs would interleave: the workers, spawned with this environment, start without
     # them (tqdm reads the variable when imported); each job prints a line when it is done
     os.environ["TQDM_DISABLE"], before = "1", os.environ.get("TQDM_DISABLE")
     try:
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        with _pool(min(workers, len(jobs))) as pool:
             futures = [pool.submit(_run_job, job, 1) for job in jobs]
             return [f.result() for f in futures]
     finally:

@@ -1,6 +1,7 @@
 """The demo's before/after table judges each target from the measured numbers."""
 
 import json
+import sys
 
 import pytest
 
@@ -164,3 +165,39 @@ def test_the_shared_mapper_of_another_base_build_is_not_reused(tmp_path, monkeyp
     old = demo.mapper_folder("shapes-vizer-g", tmp_path, [])
     monkeypatch.setattr(demo, "resolve_model_id", lambda model_id: "/cache/shapes/captioner-v2.2")
     assert old is not None and demo.mapper_folder("shapes-vizer-g", tmp_path, []) != old
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] == "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_demo_worker_ends_when_the_demo_process_is_killed():
+    import os
+    import signal
+    import subprocess
+    import time
+
+    # the demo's pool, a worker busy on a long job, then the demo alone killed (not its process group)
+    script = (
+        "import os, sys, time\n"
+        "from shapescap.demo import _pool\n"
+        "with _pool(1) as pool:\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 120).result()\n"
+    )
+    demo_process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(demo_process.stdout.readline())
+    assert not _gone(worker)
+    demo_process.send_signal(signal.SIGKILL)
+    demo_process.wait()
+    deadline = time.time() + 20
+    while not _gone(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    if not _gone(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived the demo")
