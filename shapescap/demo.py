@@ -190,11 +190,16 @@ def build_parts(jobs: int = 2) -> None:
 BASE_RECORD = "demo_base.json"  # which build of the base model a run folder was trained on
 
 
+def base_build(model_id: str) -> str:
+    """The build a model id resolves to (`captioner-v2.2`): a new captioner version keeps the recipes' model id
+    (`tiny:shapes-captioner`), so the id alone cannot tell runs or mappers of two builds apart."""
+    return Path(resolve_model_id(model_id)).name
+
+
 def check_base(run: Path, model_id: str) -> None:
-    """Refuse a run folder trained on another build of the base model, then record this one. A new captioner
-    version keeps the recipes' model id (`tiny:shapes-captioner`), so the recipe alone cannot tell the runs apart:
-    an adapter trained on the old build would be evaluated on the new one."""
-    base = Path(resolve_model_id(model_id)).name
+    """Refuse a run folder trained on another build of the base model, then record this one: an adapter trained
+    on the old build would otherwise be evaluated on the new one."""
+    base = base_build(model_id)
     record = run / BASE_RECORD
     if record.is_file():
         trained_on = json.loads(record.read_text()).get("base")
@@ -206,8 +211,9 @@ def check_base(run: Path, model_id: str) -> None:
         raise RecipeError(
             f"{run} holds a run trained on {trained_on}, not on this checkout's {base}: remove it, or pass --out"
         )
-    run.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"base": base}) + "\n")
+    if not record.is_file():
+        run.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"base": base}) + "\n")
 
 
 def train_and_eval(run: Path, overrides: list[str], recipe: str = RECIPE) -> dict[str, dict]:
@@ -407,7 +413,7 @@ def mapper_folder(recipe: str, out: Path, overrides: list[str]) -> Path | None:
     if not needs_mapper(loaded) or loaded["mapper"]["path"]:
         return None
     identity = {k: loaded[k] for k in ("model", "prompt", "mapper", "mapper_data")}
-    identity["base"] = Path(resolve_model_id(loaded["model"]["id"])).name  # a new captioner build, a new mapper
+    identity["base"] = base_build(loaded["model"]["id"])  # a new captioner build, a new mapper
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return out / "mappers" / f"{loaded['mapper']['variant']}-{key}"
 
